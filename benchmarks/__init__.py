@@ -1,0 +1,1 @@
+"""Benchmark suites of bnn_fast; see benchmarks/README.md. Run one as `python -m benchmarks.<suite>`."""

@@ -1,0 +1,211 @@
+"""One Bayesian linear layer: forward+backward, and forward alone under torch.no_grad.
+
+Implementations: bnn_fast.BayesLinear, torchbnn.BayesLinear (same parameters, loaded through
+state_dict), bayesian-torch's LinearReparameterization and LinearFlipout, blitz's BayesianLinear,
+and torch.nn.Linear as the deterministic floor. Shapes (in x out, batch): 1024x1024 at batch 1, 32
+and 256; 4096x4096 at batch 1 and 64.
+
+Also: the allocator peak of one training step of the 4096x4096 layer at batch 64 (bnn_fast,
+torchbnn, nn.Linear), sanity checks of bnn_fast's outputs against torchbnn's, a log-log plot of
+time against batch size (results/linear_<device>.png), and the issue's targets: >= 5x faster than
+torchbnn at batch 1 and 32 and >= 1.5x at batch 256 (forward+backward, 1024x1024), and forward
+alone at batch 1 within 3x of nn.Linear.
+"""
+import functools
+import gc
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: only a PNG is written
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torchbnn  # noqa: E402
+from bayesian_torch.layers import LinearFlipout, LinearReparameterization  # noqa: E402
+from blitz.modules import BayesianLinear  # noqa: E402
+
+import bnn_fast  # noqa: E402
+from benchmarks import harness  # noqa: E402
+
+PRIOR_MU, PRIOR_SIGMA = 0.0, 0.1
+CONFIGS = [(1024, 1), (1024, 32), (1024, 256), (4096, 1), (4096, 64)]  # (features in = out, batch)
+MEMORY_CONFIG = (4096, 64)
+MEMORY_IMPLS = ("bnn_fast", "torchbnn", "nn.Linear")
+TRAIN = "Linear forward+backward"
+FORWARD = "Linear forward (no_grad)"
+SPEEDUP_TARGETS = {1: 5.0, 32: 5.0, 256: 1.5}  # 1024x1024 forward+backward, batch -> x torchbnn
+FORWARD_VS_LINEAR_TARGET = 3.0  # forward at batch 1: bnn_fast time / nn.Linear time
+
+
+def column(features: int, batch: int) -> str:
+    return f"{features}x{features} b={batch}"
+
+
+def make_layers(features: int, device: torch.device) -> dict:
+    """name -> (module, forward callable), on `device`."""
+    torch.manual_seed(0)
+    tb = torchbnn.BayesLinear(PRIOR_MU, PRIOR_SIGMA, features, features)
+    bf = bnn_fast.BayesLinear(PRIOR_MU, PRIOR_SIGMA, features, features)
+    bf.load_state_dict(tb.state_dict())
+    reparam = LinearReparameterization(features, features)
+    flipout = LinearFlipout(features, features)
+    layers = {
+        "bnn_fast": (bf, bf),
+        "torchbnn": (tb, tb),
+        # bayesian-torch's forward returns (out, kl) by default; no other layer computes the KL in
+        # its forward, so ask for the output alone.
+        "bayesian-torch Reparameterization": (reparam, functools.partial(reparam, return_kl=False)),
+        "bayesian-torch Flipout": (flipout, functools.partial(flipout, return_kl=False)),
+        # blitz always computes its log-prior and log-posterior in forward; there is no switch.
+        "blitz BayesianLinear": (BayesianLinear(features, features), None),
+        "nn.Linear": (nn.Linear(features, features), None),
+    }
+    return {name: (module.to(device), forward or module) for name, (module, forward) in layers.items()}
+
+
+def train_step(module, forward, x, grad_out):
+    """Forward, then the gradients of x and every parameter. torch.autograd.grad returns fresh
+    gradients instead of accumulating into .grad, so each iteration does the same work.
+    allow_unused: blitz registers each mean and rho twice (layer and sampler) and uses one copy."""
+    inputs = [x] + list(module.parameters())
+
+    def step():
+        return torch.autograd.grad(forward(x), inputs, grad_out, allow_unused=True)
+    return step
+
+
+def forward_step(forward, x):
+    def step():
+        with torch.no_grad():
+            return forward(x)
+    return step
+
+
+def measure_memory(runner, layers, x, grad_out):
+    """The allocator peak of one training step, and its excess over nn.Linear in weight-sized
+    buffers (features * features float32)."""
+    features = x.shape[-1]
+    weight_bytes = features * features * 4
+    peaks = {}
+    for name in MEMORY_IMPLS:
+        module, forward = layers[name]
+        step = train_step(module, forward, x, grad_out)
+        step()  # warm-up outside the measurement
+        gc.collect()
+        peaks[name] = harness.peak_memory(step, runner.device)
+    rows = [
+        [name, f"{peak / harness.MIB:.1f}", f"{(peak - peaks['nn.Linear']) / harness.MIB:.1f}",
+         f"{(peak - peaks['nn.Linear']) / weight_bytes:.2f}"]
+        for name, peak in peaks.items()
+    ]
+    runner.add_table(
+        f"Peak memory of one training step, {column(*MEMORY_CONFIG)} ({runner.device.type})",
+        ["implementation", "peak MiB", "extra vs nn.Linear MiB", f"extra in {features}x{features} float32 buffers"],
+        rows,
+    )
+
+
+def sanity(runner, layers, device):
+    """bnn_fast against torchbnn with the same parameters, in eval mode under no_grad:
+    the same seed (does bnn_fast reproduce torchbnn's draws?), frozen noise drawn under the same
+    seed, and Monte Carlo moments against the closed form mean x mu^T + b_mu and variance
+    x^2 sigma^2^T + sigma_b^2 (RMS z-score of the sample mean and mean variance ratio, both ~1)."""
+    tb, bf = layers["torchbnn"][0].eval(), layers["bnn_fast"][0].eval()
+    x = torch.randn(8, tb.in_features, device=device)
+    draws = 256
+    rows = []
+    with torch.no_grad():
+        torch.manual_seed(1)
+        y_tb = tb(x)
+        torch.manual_seed(1)
+        y_bf = bf(x)
+        rows.append(["same seed: max |bnn_fast - torchbnn|", f"{(y_bf - y_tb).abs().max().item():.3g}"])
+
+        for layer in (tb, bf):
+            torch.manual_seed(2)
+            layer.freeze()
+        rows.append(["frozen noise, same seed: max |bnn_fast - torchbnn|", f"{(bf(x) - tb(x)).abs().max().item():.3g}"])
+        for layer in (tb, bf):
+            layer.unfreeze()
+
+        mean = x @ tb.weight_mu.T + tb.bias_mu
+        var = x**2 @ torch.exp(2 * tb.weight_log_sigma).T + torch.exp(2 * tb.bias_log_sigma)
+        for name, layer in (("torchbnn", tb), ("bnn_fast", bf)):
+            samples = torch.stack([layer(x) for _ in range(draws)])
+            z = (samples.mean(0) - mean) / (var / draws).sqrt()
+            rows.append([f"{name}: RMS z-score of the mean over {draws} draws (~1)", f"{z.pow(2).mean().sqrt().item():.3f}"])
+            rows.append([f"{name}: sample variance / closed-form variance (~1)", f"{(samples.var(0) / var).mean().item():.3f}"])
+    runner.add_table(f"Sanity: bnn_fast vs torchbnn, {tb.in_features}x{tb.out_features}, batch 8, eval mode", ["check", "value"], rows)
+
+
+def plot(runner):
+    """Time against batch size, log-log, one panel per mode and layer size."""
+    sizes = sorted({f for f, _ in CONFIGS})
+    modes = (TRAIN, FORWARD)
+    fig, axes = plt.subplots(len(modes), len(sizes), figsize=(6 * len(sizes), 4.5 * len(modes)), squeeze=False)
+    names = list(dict.fromkeys(m.sub_label for m in runner.measurements))
+    for row, mode in enumerate(modes):
+        for col, features in enumerate(sizes):
+            ax = axes[row][col]
+            batches = [b for f, b in CONFIGS if f == features]
+            for name in names:
+                times = [runner.median(f"{mode} ({runner.device.type})", name, column(features, b)) * 1e3 for b in batches]
+                ax.plot(batches, times, marker="o", label=name)
+            ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="median time (ms)",
+                   title=f"{mode}, {features}x{features}, {runner.device.type}")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    path = harness.RESULTS_DIR / f"linear_{runner.device.type}.png"
+    harness.RESULTS_DIR.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    args = harness.parse_args(__doc__, argv)
+    if not harness.device_available(args.device):
+        return
+    runner = harness.Runner("linear", args)
+    device = runner.device
+    train_label, forward_label = f"{TRAIN} ({device.type})", f"{FORWARD} ({device.type})"
+
+    for features in sorted({f for f, _ in CONFIGS}):
+        layers = make_layers(features, device)
+        if features == CONFIGS[0][0]:
+            sanity(runner, layers, device)
+        for f, batch in CONFIGS:
+            if f != features:
+                continue
+            x = torch.randn(batch, features, device=device, requires_grad=True)
+            grad_out = torch.ones(batch, features, device=device)
+            cases = []
+            for name, (module, forward) in layers.items():
+                cases.append(harness.Case(train_label, name, column(f, batch), train_step(module, forward, x, grad_out)))
+                cases.append(harness.Case(forward_label, name, column(f, batch), forward_step(forward, x)))
+            runner.measure(cases)
+            if (f, batch) == MEMORY_CONFIG:
+                measure_memory(runner, layers, x, grad_out)
+        del layers  # the 4096x4096 layers hold over a GiB together
+        gc.collect()
+
+    runner.add_table(
+        "bnn_fast time / nn.Linear time (same run)",
+        ["mode"] + [column(*c) for c in CONFIGS],
+        [[label] + [f"{runner.ratio(label, column(*c), 'bnn_fast', 'nn.Linear'):.2f}x" for c in CONFIGS]
+         for label in (train_label, forward_label)],
+    )
+    for batch, target in SPEEDUP_TARGETS.items():
+        speedup = runner.ratio(train_label, column(1024, batch), "torchbnn", "bnn_fast")
+        runner.check(f"forward+backward speedup vs torchbnn, {column(1024, batch)}", speedup, ">=", target)
+    for features in sorted({f for f, _ in CONFIGS}):
+        slowdown = runner.ratio(forward_label, column(features, 1), "bnn_fast", "nn.Linear")
+        runner.check(f"forward (no_grad) time / nn.Linear time, {column(features, 1)}", slowdown, "<=", FORWARD_VS_LINEAR_TARGET)
+
+    plot(runner)
+    runner.finish(baseline="torchbnn")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""bnn-fast: fast Bayesian neural network layers for PyTorch.
+
+A drop-in replacement for torchbnn 1.2 (``import bnn_fast as bnn``) whose C++ and CUDA kernels
+fuse weight sampling, the matmul and the closed-form KL, and which draws many posterior samples
+in one batched call. ``bnn_fast.backend()`` tells which implementation is active.
+"""
+from . import _ops, reference
+from ._ops import BackendInfo, backend, normal, reference_path
+from . import modules, functional, utils
+from .modules import *  # noqa: F401,F403  (torchbnn's surface: BayesLinear, BayesConv2d, ...)
+from .modules import BayesLinear, BayesConv2d, BayesBatchNorm2d, BKLLoss
+from .utils import freeze, unfreeze, transform_model
+
+__version__ = "0.1.0"

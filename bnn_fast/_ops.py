@@ -1,0 +1,310 @@
+"""The operator layer: loads the compiled kernels (bnn_fast._C) when present, registers their
+fake (meta) implementations and autograd formulas, and falls back to bnn_fast.reference when the
+extension is missing, broken, or disabled with BNN_FAST_FORCE_REFERENCE=1.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["backend", "BackendInfo", "extension_loaded", "use_kernels", "reference_path", "gaussian_kl", "normal", "bayes_linear", "new_seed"]
+
+_U64 = 1 << 64
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Which implementation bnn_fast runs, and why.
+
+    name: "cuda" (C++ and CUDA kernels compiled), "cpp" (C++ kernels only) or "reference"
+    (pure PyTorch). cpp / cuda_compiled: what the extension holds. cuda_available: whether a GPU
+    is usable now. reason: a sentence on why this backend was chosen.
+    """
+
+    name: str
+    cpp: bool
+    cuda_compiled: bool
+    cuda_available: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return (
+            f"bnn_fast backend: {self.name} (C++ kernels: {'yes' if self.cpp else 'no'}, CUDA kernels "
+            f"compiled: {'yes' if self.cuda_compiled else 'no'}, GPU available: "
+            f"{'yes' if self.cuda_available else 'no'}) - {self.reason}"
+        )
+
+
+def _load() -> tuple[bool, str]:
+    if os.environ.get("BNN_FAST_FORCE_REFERENCE", "").strip() not in ("", "0"):
+        return False, "BNN_FAST_FORCE_REFERENCE is set: using the pure-PyTorch reference path"
+    try:
+        from . import _C  # noqa: F401  (importing it registers the operators)
+    except ImportError as exc:
+        msg = f"the compiled extension bnn_fast._C is not available ({exc}); using the pure-PyTorch path"
+        warnings.warn(f"bnn_fast: {msg}. Build it with `python setup.py build_ext --inplace`.", RuntimeWarning, stacklevel=3)
+        return False, msg
+    except Exception as exc:  # a broken build must not break `import bnn_fast`
+        msg = f"the compiled extension bnn_fast._C failed to load ({type(exc).__name__}: {exc}); using the pure-PyTorch path"
+        warnings.warn(f"bnn_fast: {msg}", RuntimeWarning, stacklevel=3)
+        return False, msg
+    return True, "compiled extension loaded"
+
+
+_LOADED, _REASON = _load()
+
+
+_local = threading.local()
+
+
+def extension_loaded() -> bool:
+    """True when the compiled kernels are registered."""
+    return _LOADED
+
+
+def use_kernels() -> bool:
+    """True when the compiled kernels run now: loaded, and not inside :func:`reference_path`."""
+    return _LOADED and not getattr(_local, "reference", False)
+
+
+@contextmanager
+def reference_path():
+    """Runs the pure-PyTorch path in this block (on this thread), whatever is compiled.
+
+    On that path an unfrozen layer draws its noise with ``torch.randn_like`` in torchbnn's order,
+    so under the same ``torch.manual_seed`` it reproduces torchbnn's outputs bit for bit.
+    """
+    before = getattr(_local, "reference", False)
+    _local.reference = True
+    try:
+        yield
+    finally:
+        _local.reference = before
+
+
+def backend() -> BackendInfo:
+    """Report the active implementation (see BackendInfo)."""
+    cuda_compiled = _LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("bnn_fast::bayes_linear", "CUDA")
+    cuda_available = torch.cuda.is_available()
+    if not _LOADED:
+        name = "reference"
+    else:
+        name = "cuda" if cuda_compiled else "cpp"
+    return BackendInfo(name, _LOADED, bool(cuda_compiled), cuda_available, _REASON)
+
+
+def _to_i64(v: int) -> int:
+    """A uint64 as the int64 with the same bits (the schemas take int, which is int64)."""
+    v %= _U64
+    return v - _U64 if v >= 1 << 63 else v
+
+
+def new_seed() -> int:
+    """A fresh 64-bit seed from PyTorch's default CPU generator (torch.manual_seed makes it
+    reproducible; no GPU synchronization)."""
+    return int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64).item())
+
+
+# ----------------------------------------------------------------------------------------------
+# gaussian_kl
+
+
+def gaussian_kl(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], prior_mu: float, prior_log_sigma: float) -> Tensor:
+    """Summed closed-form KL(N(mu, exp(log_sigma)^2) || N(prior_mu, exp(prior_log_sigma)^2)) over
+    every element of every tensor; differentiable in mus and log_sigmas.
+
+    Args:
+        mus, log_sigmas: equally long lists of tensors of equal shapes pairwise, one dtype
+            (float32 or float64) and one device for all.
+        prior_mu, prior_log_sigma: the prior's mean and log standard deviation (floats).
+    Returns:
+        a 0-dim tensor of the tensors' dtype and device (float32 CPU zero for empty lists).
+    """
+    mus, log_sigmas = list(mus), list(log_sigmas)
+    if len(mus) != len(log_sigmas):
+        raise ValueError(f"gaussian_kl: mus and log_sigmas must have the same length, got {len(mus)} and {len(log_sigmas)}")
+    if not mus:
+        return torch.zeros(())
+    ref = mus[0]
+    for i, (m, s) in enumerate(zip(mus, log_sigmas)):
+        for name, t in ((f"mus[{i}]", m), (f"log_sigmas[{i}]", s)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"gaussian_kl: {name} must be a Tensor, got {type(t).__name__}")
+            if t.dtype != ref.dtype:
+                raise TypeError(f"gaussian_kl: {name} has dtype {t.dtype}, expected {ref.dtype} like mus[0]")
+            if t.device != ref.device:
+                raise ValueError(f"gaussian_kl: {name} is on {t.device}, expected {ref.device} like mus[0]")
+        if m.shape != s.shape:
+            raise ValueError(f"gaussian_kl: log_sigmas[{i}] must have the shape of mus[{i}] {tuple(m.shape)}, got {tuple(s.shape)}")
+    if ref.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"gaussian_kl: mus[0] must be float32 or float64, got {ref.dtype}")
+    if use_kernels() and ref.device.type in ("cpu", "cuda"):
+        return torch.ops.bnn_fast.gaussian_kl(mus, log_sigmas, float(prior_mu), float(prior_log_sigma))
+    return reference.gaussian_kl(mus, log_sigmas, prior_mu, prior_log_sigma)
+
+
+# ----------------------------------------------------------------------------------------------
+# Counter-based noise
+
+
+def normal(
+    shape: Sequence[int],
+    seed: int,
+    stream: int = 0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    offset: int = 0,
+) -> Tensor:
+    """Standard normal noise of the counter-based RNG contract.
+
+    Element i (flat, row-major) is normal(seed, stream, offset + i): a pure function of the
+    integers, computed in float32 and cast to `dtype`; the same on every thread count and launch
+    shape, and on CPU and CUDA up to a few ulp. `seed` and `stream` are taken modulo 2^64.
+
+    Shape: `shape`.
+    """
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"normal: shape must be non-negative, got {shape}")
+    if offset < 0:
+        raise ValueError(f"normal: offset must be >= 0, got {offset}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"normal: dtype must be a floating-point dtype, got {dtype}")
+    device = torch.device(device)
+    if use_kernels() and device.type in ("cpu", "cuda"):
+        out = torch.empty(shape, dtype=dtype, device=device)
+        torch.ops.bnn_fast.fill_normal_(out, _to_i64(seed), _to_i64(stream), int(offset))
+        return out
+    return reference.normal(shape, seed % _U64, stream % _U64, dtype, device, offset)
+
+
+# ----------------------------------------------------------------------------------------------
+# bayes_linear
+
+
+def bayes_linear(
+    x: Tensor,
+    weight_mu: Tensor,
+    weight_log_sigma: Tensor,
+    bias_mu: Optional[Tensor],
+    bias_log_sigma: Optional[Tensor],
+    seed: int,
+    n_samples: int = 1,
+) -> Tensor:
+    """Fused reparameterized Bayesian linear (the compiled operator; needs the extension).
+
+    Sample s uses W_s = weight_mu + exp(weight_log_sigma) * eps_s with eps from
+    normal(seed, stream 0, s * out * in + j), and b_s likewise from stream 1.
+
+    Shape:
+        x: [n_samples or 1, N, in_features] (1: the same rows for every sample);
+        weight_*: [out_features, in_features]; bias_*: [out_features]. Output: [n_samples, N, out_features].
+    """
+    if not _LOADED:
+        raise RuntimeError("bayes_linear: the compiled extension is not loaded; " + _REASON)
+    y, _ = torch.ops.bnn_fast.bayes_linear(x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, _to_i64(seed), int(n_samples))
+    return y
+
+
+def _no_double_backward(op: str, *tensors: Optional[Tensor]) -> None:
+    # The backward kernels are not differentiable: refuse instead of returning a silent zero.
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"{op}: double backward (create_graph=True through this operator) is not supported; "
+            "use the pure-PyTorch path (BNN_FAST_FORCE_REFERENCE=1) for higher-order gradients"
+        )
+
+
+def _register() -> None:
+    """Fake (meta) implementations and autograd formulas of the compiled operators."""
+
+    @torch.library.register_fake("bnn_fast::gaussian_kl")
+    def _(mu, log_sigma, prior_mu, prior_log_sigma):
+        return mu[0].new_empty(())
+
+    @torch.library.register_fake("bnn_fast::gaussian_kl_backward")
+    def _(grad, mu, log_sigma, prior_mu, prior_log_sigma):
+        return [torch.empty_like(m) for m in mu], [torch.empty_like(s) for s in log_sigma]
+
+    def kl_setup(ctx, inputs, output):
+        mu, log_sigma, prior_mu, prior_log_sigma = inputs
+        ctx.n = len(mu)
+        ctx.prior = (prior_mu, prior_log_sigma)
+        ctx.save_for_backward(*mu, *log_sigma)
+
+    def kl_backward(ctx, grad):
+        saved = ctx.saved_tensors
+        mu, log_sigma = list(saved[: ctx.n]), list(saved[ctx.n :])
+        _no_double_backward("gaussian_kl", grad, *saved)
+        gmu, gls = torch.ops.bnn_fast.gaussian_kl_backward(grad, mu, log_sigma, *ctx.prior)
+        return gmu, gls, None, None
+
+    torch.library.register_autograd("bnn_fast::gaussian_kl", kl_backward, setup_context=kl_setup)
+
+    @torch.library.register_fake("bnn_fast::fill_normal_")
+    def _(out, seed, stream, offset):
+        return None
+
+    @torch.library.register_fake("bnn_fast::bayes_linear")
+    def _(x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, seed, n_samples):
+        for name, t in (("weight_mu", weight_mu), ("weight_log_sigma", weight_log_sigma), ("bias_mu", bias_mu), ("bias_log_sigma", bias_log_sigma)):
+            if t is not None and t.device != x.device:
+                raise ValueError(f"bayes_linear: {name} must be on {x.device} like x, got {t.device}")
+        out_f, in_f = weight_mu.shape
+        y = x.new_empty((n_samples, x.shape[1], out_f))
+        saved = weight_mu.new_empty((n_samples, out_f, in_f)) if x.device.type == "cpu" else weight_mu.new_empty((0,))
+        return y, saved
+
+    @torch.library.register_fake("bnn_fast::bayes_linear_backward")
+    def _(grad_out, x, weight_mu, weight_log_sigma, bias_log_sigma, saved, seed, n_samples, output_mask):
+        def grad_like(t, needed):
+            return torch.empty_like(t) if needed and t is not None else weight_mu.new_empty((0,))
+
+        return (
+            grad_like(x, output_mask[0]),
+            grad_like(weight_mu, output_mask[1]),
+            grad_like(weight_log_sigma, output_mask[2]),
+            grad_like(bias_log_sigma, output_mask[3]),
+            grad_like(bias_log_sigma, output_mask[4]),
+        )
+
+    def linear_setup(ctx, inputs, output):
+        x, w_mu, w_ls, b_mu, b_ls, seed, n_samples = inputs
+        ctx.seed, ctx.n_samples, ctx.has_bias = seed, n_samples, b_mu is not None
+        ctx.save_for_backward(x, w_mu, w_ls, b_ls, output[1])
+
+    def linear_backward(ctx, grad_y, grad_saved):
+        x, w_mu, w_ls, b_ls, saved = ctx.saved_tensors
+        _no_double_backward("bayes_linear", grad_y, x, w_mu, w_ls, b_ls)
+        needs = ctx.needs_input_grad
+        mask = [needs[0], needs[1], needs[2], ctx.has_bias and needs[3], ctx.has_bias and needs[4]]
+        gx, gmu, gls, gbmu, gbls = torch.ops.bnn_fast.bayes_linear_backward(
+            grad_y, x, w_mu, w_ls, b_ls, saved, ctx.seed, ctx.n_samples, mask
+        )
+        if gx.numel() and gx.shape != x.shape:  # x was broadcast over samples
+            gx = gx.reshape(x.shape)
+        return (
+            gx if mask[0] else None,
+            gmu if mask[1] else None,
+            gls if mask[2] else None,
+            gbmu if mask[3] else None,
+            gbls if mask[4] else None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd("bnn_fast::bayes_linear", linear_backward, setup_context=linear_setup)
+
+
+if _LOADED:
+    _register()

@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m bnn_fast.examples.regression`` (needs matplotlib)."""

@@ -1,0 +1,100 @@
+"""Functional interface: the KL divergence of a Bayesian model from its priors."""
+import functools
+
+import torch
+
+from . import _ops
+from .modules.batchnorm import BayesBatchNorm2d
+from .modules.conv import BayesConv2d
+from .modules.linear import BayesLinear
+
+__all__ = ["bayesian_kl_loss"]
+
+_BAYES_LAYERS = (BayesLinear, BayesConv2d, BayesBatchNorm2d)
+_REDUCTIONS = ("mean", "sum")
+
+
+def _gaussian_parameters(layer):
+    """The (mus, log_sigmas) lists of a Bayesian layer's parameters; empty when it has none."""
+    mus, log_sigmas = [], []
+    for name in ("weight", "bias"):
+        mu = getattr(layer, name + "_mu")
+        if mu is not None:
+            mus.append(mu)
+            log_sigmas.append(getattr(layer, name + "_log_sigma"))
+    return mus, log_sigmas
+
+
+def _kernel_dtype(tensors):
+    # gaussian_kl takes float32 and float64 only; half and bfloat16 are summed in float32.
+    return [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors]
+
+
+def _kl(layers, reduction):
+    """KL of `layers`, (layer, mus, log_sigmas) triples: one gaussian_kl call per distinct prior
+    (and per dtype and device, which one call cannot mix)."""
+    groups = {}
+    numel = 0
+    for layer, mus, log_sigmas in layers:
+        for mu, log_sigma in zip(mus, log_sigmas):
+            key = (float(layer.prior_mu), float(layer.prior_log_sigma), mu.dtype, mu.device)
+            group_mus, group_log_sigmas = groups.setdefault(key, ([], []))
+            group_mus.append(mu)
+            group_log_sigmas.append(log_sigma)
+            numel += mu.numel()
+    device = layers[0][1][0].device
+    total = sum(
+        _ops.gaussian_kl(_kernel_dtype(mus), _kernel_dtype(log_sigmas), prior_mu,
+                         prior_log_sigma).to(device)
+        for (prior_mu, prior_log_sigma, _, _), (mus, log_sigmas) in groups.items()
+    )
+    if reduction == "mean":
+        # An exact integer count: torchbnn counts in float32, inexact past 2**24 elements.
+        total = total / numel
+    return total.to(functools.reduce(torch.promote_types, (key[2] for key in groups)))
+
+
+def bayesian_kl_loss(model, reduction="mean", last_layer_only=False):
+    r"""The KL divergence of a model's Bayesian weights from their Gaussian priors, in closed form.
+
+    For every Bayesian layer (:class:`BayesLinear`, :class:`BayesConv2d` and an affine
+    :class:`BayesBatchNorm2d`) and each of its weight and bias,
+    :math:`\sum_i KL(N(\mu_i, \sigma_i^2) \,\|\, N(\text{prior\_mu}, \text{prior\_sigma}^2))`.
+
+    Args:
+        model (nn.Module): the model whose Bayesian layers are measured.
+        reduction (str, optional): ``'mean'``: the summed KL divided by the number of Bayesian
+            parameters (elements of the ``*_mu`` tensors); ``'sum'``: the summed KL.
+            Default: ``'mean'``
+        last_layer_only (bool, optional): if ``True``, only the KL of the last Bayesian layer in
+            ``model.modules()`` order (its weight and bias), reduced over that layer's
+            parameters. Default: ``False``
+
+    Returns:
+        A differentiable tensor of shape :math:`(1)`, or :math:`()` with
+        ``last_layer_only=True``, as torchbnn returns; in the parameters' dtype (the promoted
+        one if they mix; half and bfloat16 are summed in float32) and on their device (the first
+        Bayesian layer's if they are spread over several). A model without Bayesian layers gives
+        zero, in its first parameter's dtype and on its device (the default dtype on the CPU
+        when it has no parameters).
+
+    Raises:
+        ValueError: if `reduction` is neither ``'mean'`` nor ``'sum'``.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+    layers = []
+    for m in model.modules():
+        if isinstance(m, _BAYES_LAYERS):
+            mus, log_sigmas = _gaussian_parameters(m)
+            if mus:
+                layers.append((m, mus, log_sigmas))
+    if not layers:
+        first = next(model.parameters(), None)
+        if first is not None and first.is_floating_point():
+            return torch.zeros(1, dtype=first.dtype, device=first.device)
+        return torch.zeros(1)
+    if last_layer_only:
+        return _kl(layers[-1:], reduction)
+    return _kl(layers, reduction).reshape(1)

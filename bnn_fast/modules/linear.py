@@ -1,0 +1,195 @@
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn import Module, Parameter
+
+from .. import _ops, reference, sampling
+from ._common import check_input, sample_gaussian
+
+__all__ = ["BayesLinear"]
+
+
+def _fused_dtype(input, weight):
+    """The dtype the fused kernel runs in, or None when the reference path must run.
+
+    Under CUDA autocast the kernel runs in the autocast dtype (float16/bfloat16, float32
+    accumulation); on the CPU it supports float32 and float64, in the parameters' dtype.
+    """
+    device_type = input.device.type
+    if device_type not in ("cpu", "cuda") or not _ops.use_kernels():
+        return None
+    if device_type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    if device_type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return None  # CPU autocast means bfloat16/float16 matmuls: leave them to F.linear
+    if input.dtype != weight.dtype:
+        return None  # let F.linear raise its usual dtype-mismatch error
+    if device_type == "cpu" and weight.dtype not in (torch.float32, torch.float64):
+        return None
+    return weight.dtype
+
+
+class BayesLinear(Module):
+    r"""Applies a Bayesian linear transformation to the incoming data: :math:`y = xW^T + b`,
+    with every weight and bias drawn from its own Gaussian on each forward pass.
+
+    Each weight is :math:`W = \mu + \exp(\log\sigma) \cdot \epsilon`, :math:`\epsilon \sim N(0, 1)`
+    (the reparameterization trick), and likewise the bias. The noise is drawn afresh on every call
+    unless the layer is frozen (see :meth:`freeze`). A drop-in replacement for
+    ``torchbnn.BayesLinear``: same arguments, parameter names, initialization and random draws.
+
+    Args:
+        prior_mu (float): mean of the Gaussian prior of every weight and bias.
+        prior_sigma (float): standard deviation of that prior; also the initial sigma.
+        in_features (int): size of each input sample.
+        out_features (int): size of each output sample.
+        bias (bool): if ``False`` (or ``None``), the layer learns no additive bias.
+            Default: ``True``
+
+    Shape:
+        - Input: :math:`(*, H_{in})` where :math:`*` means any number of dimensions including
+          none and :math:`H_{in} = \text{in\_features}`.
+        - Output: :math:`(*, H_{out})` where all but the last dimension are the same shape as
+          the input and :math:`H_{out} = \text{out\_features}`.
+
+    Attributes:
+        weight_mu, weight_log_sigma: the learnable mean and log standard deviation of the
+            weights, of shape :math:`(\text{out\_features}, \text{in\_features})`, initialized
+            :math:`\mu \sim U(-1/\sqrt{\text{in\_features}}, 1/\sqrt{\text{in\_features}})` and
+            :math:`\log\sigma = \log(\text{prior\_sigma})`.
+        bias_mu, bias_log_sigma: the same for the bias, of shape :math:`(\text{out\_features})`;
+            ``None`` without bias.
+        weight_eps, bias_eps: buffers holding the fixed noise while frozen, ``None`` otherwise.
+        bias (bool): whether the layer has a bias.
+
+    Examples::
+
+        >>> m = BayesLinear(prior_mu=0, prior_sigma=0.1, in_features=20, out_features=30)
+        >>> output = m(torch.randn(128, 20))
+        >>> print(output.size())
+        torch.Size([128, 30])
+
+    With the compiled extension, the forward is one fused operator (``bnn_fast::bayes_linear``):
+    the noise comes from the counter-based RNG (a fresh 64-bit seed from PyTorch's default CPU
+    generator per call, so ``torch.manual_seed`` makes runs reproducible) instead of
+    ``torch.randn_like``, so the samples differ from torchbnn's while the distribution is the
+    same. Without the extension, or while frozen, the layer computes exactly what torchbnn does.
+    Inside :func:`bnn_fast.sampling.sample_many` it draws S weight samples per call (the sample
+    axis folded into the batch, sample-major).
+    """
+
+    # Follows the sampling.sample_many protocol.
+    _supports_sampling = True
+
+    def __init__(self, prior_mu, prior_sigma, in_features, out_features, bias=True):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+
+        self.prior_mu = prior_mu
+        self.prior_sigma = prior_sigma
+        self.prior_log_sigma = math.log(prior_sigma)
+
+        self.weight_mu = Parameter(torch.empty(out_features, in_features))
+        self.weight_log_sigma = Parameter(torch.empty(out_features, in_features))
+        self.register_buffer("weight_eps", None)
+
+        # torchbnn's rule: only None and False mean "no bias"; anything else, a tensor included
+        # (what nn.Linear's `.bias` holds), means a bias.
+        self.bias = not (bias is None or bias is False)
+        if self.bias:
+            self.bias_mu = Parameter(torch.empty(out_features))
+            self.bias_log_sigma = Parameter(torch.empty(out_features))
+        else:
+            self.register_parameter("bias_mu", None)
+            self.register_parameter("bias_log_sigma", None)
+        self.register_buffer("bias_eps", None)
+
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # torchbnn's (Adv-BNN's) initialization, drawn in torchbnn's order so that one seed gives
+        # both libraries the same parameters.
+        stdv = 1.0 / math.sqrt(self.weight_mu.size(1))
+        self.weight_mu.data.uniform_(-stdv, stdv)
+        self.weight_log_sigma.data.fill_(self.prior_log_sigma)
+        if self.bias:
+            self.bias_mu.data.uniform_(-stdv, stdv)
+            self.bias_log_sigma.data.fill_(self.prior_log_sigma)
+
+    def freeze(self):
+        r"""Fixes the noise (``weight_eps``, then ``bias_eps``) so that forward is deterministic."""
+        self.weight_eps = torch.randn_like(self.weight_log_sigma)
+        if self.bias:
+            self.bias_eps = torch.randn_like(self.bias_log_sigma)
+
+    def unfreeze(self):
+        r"""Drops the fixed noise: every forward draws new noise again."""
+        self.weight_eps = None
+        if self.bias:
+            self.bias_eps = None
+
+    def forward(self, input):
+        self._check_input(input)
+        state = sampling.current()
+        if state is None:
+            x, n_samples = input.reshape(1, -1, self.in_features), 1
+        else:
+            x, n_samples = sampling.fold_input(input, type(self).__name__)
+        # x: [1 or S, N, *, in]; the output keeps x's middle dims: [S, N, *, out].
+        out_shape = (n_samples,) + tuple(x.shape[1:-1]) + (self.out_features,)
+        dtype = _fused_dtype(input, self.weight_mu) if self.weight_eps is None else None
+        if dtype is not None:
+            y = self._forward_fused(x.reshape(x.shape[0], -1, self.in_features), n_samples, dtype)
+        elif state is None:
+            return self._forward_reference(input)
+        else:
+            y = self._forward_reference_samples(x, n_samples)
+        y = y.reshape(out_shape)
+        return sampling.unfold_output(y) if state is not None else y.reshape(input.shape[:-1] + (self.out_features,))
+
+    def _check_input(self, input):
+        check_input(self, input, self.weight_mu)
+        if input.dim() == 0:
+            raise ValueError(
+                f"{type(self).__name__}: input must have at least 1 dimension "
+                f"(*, {self.in_features}), got a 0-dim tensor"
+            )
+        if input.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: input must have last dim {self.in_features} "
+                f"(in_features), got {input.shape[-1]}"
+            )
+
+    def _forward_reference(self, input):
+        # torchbnn's semantics: weight noise is drawn before bias noise.
+        weight = sample_gaussian(self.weight_mu, self.weight_log_sigma, self.weight_eps)
+        bias = None
+        if self.bias:
+            bias = sample_gaussian(self.bias_mu, self.bias_log_sigma, self.bias_eps)
+        return F.linear(input, weight, bias)
+
+    def _forward_fused(self, x, n_samples, dtype):
+        """The compiled operator: x [1 or S, N, in] -> [S, N, out]."""
+        params = [self.weight_mu, self.weight_log_sigma, self.bias_mu, self.bias_log_sigma]
+        params = [p if p is None or p.dtype == dtype else p.to(dtype) for p in params]
+        return _ops.bayes_linear(x.to(dtype), *params, _ops.new_seed(), n_samples)
+
+    def _forward_reference_samples(self, x, n_samples):
+        """S weight samples in pure PyTorch (x [1 or S, N, *, in] -> [S, N, *, out]); frozen
+        layers reuse their fixed noise for every sample."""
+        def noise(param, eps):
+            shape = (n_samples,) + tuple(param.shape)
+            return eps.expand(shape) if eps is not None else torch.randn(shape, dtype=param.dtype, device=param.device)
+
+        x2 = x.reshape(x.shape[0], -1, self.in_features)
+        eps_w = noise(self.weight_log_sigma, self.weight_eps)
+        eps_b = noise(self.bias_log_sigma, self.bias_eps) if self.bias else None
+        return reference.bayes_linear(x2, self.weight_mu, self.weight_log_sigma, self.bias_mu, self.bias_log_sigma, eps_w, eps_b)
+
+    def extra_repr(self):
+        return (
+            f"prior_mu={self.prior_mu}, prior_sigma={self.prior_sigma}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias}"
+        )

@@ -1,0 +1,103 @@
+"""Model-level helpers: freezing the noise of Bayesian layers and swapping layer types."""
+import copy
+
+import torch
+
+from .modules import BayesBatchNorm2d, BayesConv2d, BayesLinear
+
+__all__ = ["freeze", "unfreeze", "transform_model"]
+
+_BAYES_LAYERS = (BayesLinear, BayesConv2d, BayesBatchNorm2d)
+
+
+def freeze(module):
+    r"""Freezes every Bayesian layer in `module` (itself included): each draws its noise once
+    (``weight_eps``, ``bias_eps``) and reuses it, so the model becomes deterministic.
+
+    Layers are visited as torchbnn visits them (the module, then each child recursively), so
+    under one ``torch.manual_seed`` both libraries draw the same noise.
+
+    Args:
+        module (nn.Module): the model to freeze.
+    """
+    if isinstance(module, _BAYES_LAYERS):
+        module.freeze()
+    for submodule in module.children():
+        freeze(submodule)
+
+
+def unfreeze(module):
+    r"""Unfreezes every Bayesian layer in `module` (itself included): the fixed noise buffers
+    become ``None`` and each forward draws new noise again.
+
+    Args:
+        module (nn.Module): the model to unfreeze.
+    """
+    if isinstance(module, _BAYES_LAYERS):
+        module.unfreeze()
+    for submodule in module.children():
+        unfreeze(submodule)
+
+
+def _resolve(layer, key, value):
+    """`value`, or the old layer's attribute it names when it is a string starting with '.'."""
+    if not (isinstance(value, str) and value.startswith(".")):
+        return value
+    value = getattr(layer, value[1:])
+    # torch layers hold their bias as a tensor or None, but constructors take a bool.
+    if key == "bias" and (value is None or isinstance(value, torch.Tensor)):
+        return value is not None
+    return value
+
+
+def transform_model(model, from_inst, to_inst, args={}, attrs={}, inplace=True):
+    r"""Replaces every submodule of `model` that is an instance of `from_inst` by a new `to_inst`.
+
+    Each new layer is built as ``to_inst(**kwargs)``, where `kwargs` is `args` with every string
+    value that starts with ``"."`` replaced by that attribute of the layer being replaced (a
+    tensor-or-None ``.bias`` becomes a bool for the ``bias`` argument); then each `attrs` item is
+    set on the new layer with :func:`setattr`, by the same rule. Replaced layers are not searched
+    further, the new layers start untrained (weights are not copied), and a layer shared by
+    several parents is replaced by one new layer, still shared.
+
+    Args:
+        model (nn.Module): the model to transform; if it is itself a `from_inst`, the new layer is
+            returned in its place.
+        from_inst (type or tuple of types): the layer class(es) to replace.
+        to_inst (callable): the class (or factory) of the new layers.
+        args (dict, optional): keyword arguments of `to_inst`.
+        attrs (dict, optional): attributes to set on each new layer.
+        inplace (bool, optional): if ``False``, `model` is left as it is and a transformed deep
+            copy is returned. Default: ``True``
+
+    Returns:
+        The transformed model.
+
+    Example::
+
+        >>> model = transform_model(model, nn.Linear, BayesLinear,
+        ...     args={"prior_mu": 0, "prior_sigma": 0.1, "in_features": ".in_features",
+        ...           "out_features": ".out_features", "bias": ".bias"})
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    return _transform(model, from_inst, to_inst, args, attrs, {})
+
+
+def _transform(module, from_inst, to_inst, args, attrs, done):
+    # `done` maps id(old module) -> (old module, result), so a module reachable twice is handled
+    # once; holding the old module keeps its id from being reused by a new layer meanwhile.
+    if id(module) in done:
+        return done[id(module)][1]
+    if isinstance(module, from_inst):
+        result = to_inst(**{key: _resolve(module, key, value) for key, value in args.items()})
+        for key, value in attrs.items():
+            setattr(result, key, _resolve(module, key, value))
+    else:
+        result = module
+        # _modules rather than named_children(), which skips a child registered under two names.
+        for name, child in list(module._modules.items()):
+            if child is not None:
+                setattr(module, name, _transform(child, from_inst, to_inst, args, attrs, done))
+    done[id(module)] = (module, result)
+    return result

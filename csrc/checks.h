@@ -1,0 +1,84 @@
+// Argument checks shared by the CPU and CUDA glue: each error names the operator and the argument.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+
+namespace bnn_fast {
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
+                              const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(),
+                    " like the other arguments, got ", t.device());
+}
+
+inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t,
+                             const at::Tensor& ref) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ",
+                   ref.scalar_type(), " like the other arguments, got ", t.scalar_type());
+}
+
+inline void check_same_shape(const char* op, const char* name, const at::Tensor& t,
+                             const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", name, " must have the shape of ", ref_name,
+                    " ", ref.sizes(), ", got ", t.sizes());
+}
+
+inline void check_gaussian_kl_args(at::TensorList mu, at::TensorList log_sigma) {
+  const char* op = "gaussian_kl";
+  TORCH_CHECK_VALUE(mu.size() == log_sigma.size(), op, ": mu and log_sigma must be lists of the "
+                    "same length, got ", mu.size(), " and ", log_sigma.size());
+  TORCH_CHECK_VALUE(!mu.empty(), op, ": mu must hold at least one tensor");
+  const at::Tensor& ref = mu[0];
+  TORCH_CHECK_TYPE(ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble, op,
+                   ": mu[0] must be float32 or float64, got ", ref.scalar_type());
+  for (size_t i = 0; i < mu.size(); ++i) {
+    const std::string mi = "mu[" + std::to_string(i) + "]";
+    const std::string li = "log_sigma[" + std::to_string(i) + "]";
+    check_same_device(op, mi.c_str(), mu[i], ref);
+    check_same_device(op, li.c_str(), log_sigma[i], ref);
+    check_same_dtype(op, mi.c_str(), mu[i], ref);
+    check_same_dtype(op, li.c_str(), log_sigma[i], ref);
+    check_same_shape(op, li.c_str(), log_sigma[i], mu[i], mi.c_str());
+  }
+}
+
+inline void check_bayes_linear_args(const at::Tensor& x, const at::Tensor& w_mu,
+                                    const at::Tensor& w_ls,
+                                    const std::optional<at::Tensor>& b_mu,
+                                    const std::optional<at::Tensor>& b_ls, int64_t n_samples) {
+  const char* op = "bayes_linear";
+  TORCH_CHECK_VALUE(n_samples >= 1, op, ": n_samples must be >= 1, got ", n_samples);
+  TORCH_CHECK_VALUE(w_mu.dim() == 2, op, ": weight_mu must be 2-D [out_features, in_features], got ",
+                    w_mu.sizes());
+  check_same_shape(op, "weight_log_sigma", w_ls, w_mu, "weight_mu");
+  TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be 3-D [n_samples or 1, N, in_features], got ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(x.size(0) == 1 || x.size(0) == n_samples, op,
+                    ": x.size(0) must be 1 or n_samples (", n_samples, "), got ", x.size(0));
+  TORCH_CHECK_VALUE(x.size(2) == w_mu.size(1), op, ": x must have last dim ", w_mu.size(1),
+                    " (in_features), got ", x.size(2));
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op,
+                   ": x must be a floating-point tensor, got ", x.scalar_type());
+  check_same_dtype(op, "weight_mu", w_mu, x);
+  check_same_dtype(op, "weight_log_sigma", w_ls, x);
+  check_same_device(op, "weight_mu", w_mu, x);
+  check_same_device(op, "weight_log_sigma", w_ls, x);
+  TORCH_CHECK_VALUE(b_mu.has_value() == b_ls.has_value(), op,
+                    ": bias_mu and bias_log_sigma must be given together");
+  if (b_mu.has_value()) {
+    TORCH_CHECK_VALUE(b_mu->dim() == 1 && b_mu->size(0) == w_mu.size(0), op,
+                      ": bias_mu must have shape [", w_mu.size(0), "] (out_features), got ",
+                      b_mu->sizes());
+    check_same_shape(op, "bias_log_sigma", *b_ls, *b_mu, "bias_mu");
+    check_same_dtype(op, "bias_mu", *b_mu, x);
+    check_same_dtype(op, "bias_log_sigma", *b_ls, x);
+    check_same_device(op, "bias_mu", *b_mu, x);
+    check_same_device(op, "bias_log_sigma", *b_ls, x);
+  }
+}
+
+}  // namespace bnn_fast

@@ -1,0 +1,191 @@
+// bayes_linear on the CPU: reparameterized sampling fused into one pass, then ATen's GEMM.
+//
+// Forward: one parallel pass reads mu and log_sigma (8 B/weight in float32), generates the noise
+// in registers (cpu/noise.h) and writes the sampled weight W (4 B/weight); the GEMM reads W once.
+// Noise generation dominates at small batch, so the backward does not regenerate it: W is kept
+// (one weight-sized buffer per sample) and eps * sigma = W - mu.
+// Backward: dW_s = dy_s^T x_s by GEMM (one reused weight-sized buffer), then one fused pass
+// accumulates grad_mu += dW_s and grad_log_sigma += dW_s * (W_s - mu).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+
+#include "checks.h"
+#include "cpu/noise.h"
+#include "cpu/simd.h"
+#include "gaussian.h"
+
+namespace bnn_fast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTile = 1024;  // noise tile kept on the stack (4 KiB, stays in L1)
+
+template <typename T>
+void combine_scalar(const T* mu, const T* ls, const float* eps, T* out, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) out[k] = sample_element<T>(mu[k], ls[k], eps[k]);
+}
+
+#if BNN_HAVE_X86_SIMD
+BNN_AVX2 inline __m256 sample8(__m256 mu, __m256 ls, __m256 eps) {
+  return _mm256_add_ps(mu, _mm256_mul_ps(Sleef_expf8_u10avx2(ls), eps));
+}
+
+// Every element goes through the vector exp (a short tail is padded), so a weight does not
+// depend on where a thread's range happens to end.
+BNN_AVX2 void combine_avx2(const float* mu, const float* ls, const float* eps, float* out,
+                           int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    _mm256_storeu_ps(out + k, sample8(_mm256_loadu_ps(mu + k), _mm256_loadu_ps(ls + k),
+                                      _mm256_loadu_ps(eps + k)));
+  }
+  if (k < n) {
+    float m[8] = {0}, l[8] = {0}, e[8] = {0}, o[8];
+    std::copy(mu + k, mu + n, m);
+    std::copy(ls + k, ls + n, l);
+    std::copy(eps + k, eps + n, e);
+    _mm256_storeu_ps(o, sample8(_mm256_loadu_ps(m), _mm256_loadu_ps(l), _mm256_loadu_ps(e)));
+    std::copy(o, o + (n - k), out + k);
+  }
+}
+#endif
+
+template <typename T>
+void combine(const T* mu, const T* ls, const float* eps, T* out, int64_t n) {
+#if BNN_HAVE_X86_SIMD
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx2()) return combine_avx2(mu, ls, eps, out, n);
+  }
+#endif
+  combine_scalar(mu, ls, eps, out, n);
+}
+
+// out[s, j] = mu[j] + exp(log_sigma[j]) * normal(seed, stream, s * numel + j), s < n_samples.
+at::Tensor sample(const at::Tensor& mu, const at::Tensor& ls, int64_t n_samples, uint64_t seed,
+                  uint64_t stream) {
+  std::vector<int64_t> shape{n_samples};
+  shape.insert(shape.end(), mu.sizes().begin(), mu.sizes().end());
+  at::Tensor out = at::empty(shape, mu.options());
+  const int64_t numel = mu.numel();
+  const int64_t total = n_samples * numel;
+  if (total == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "bayes_linear_sample_cpu", [&] {
+    const scalar_t* m = mu.const_data_ptr<scalar_t>();
+    const scalar_t* l = ls.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, total, 1 << 15, [&](int64_t begin, int64_t end) {
+      float eps[kTile];
+      for (int64_t i = begin; i < end;) {
+        const int64_t j = i % numel;
+        const int64_t len = std::min({kTile - i % kTile, end - i, numel - j});
+        fill_normal(eps, len, seed, stream, uint64_t(i));
+        combine(m + j, l + j, eps, o + i, len);
+        i += len;
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> bayes_linear_cpu(const at::Tensor& x_in,
+                                                    const at::Tensor& w_mu_in,
+                                                    const at::Tensor& w_ls_in,
+                                                    const std::optional<at::Tensor>& b_mu,
+                                                    const std::optional<at::Tensor>& b_ls,
+                                                    int64_t seed, int64_t n_samples) {
+  check_bayes_linear_args(x_in, w_mu_in, w_ls_in, b_mu, b_ls, n_samples);
+  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+                   "bayes_linear: x must be float32 or float64 on the CPU, got ",
+                   x_in.scalar_type());
+  const int64_t S = n_samples, N = x_in.size(1), in = w_mu_in.size(1), out = w_mu_in.size(0);
+  const at::Tensor w = sample(w_mu_in.contiguous(), w_ls_in.contiguous(), S, seed, 0);
+  at::Tensor y;
+  if (x_in.size(0) == 1) {
+    // One GEMM for all samples: [N, in] x [in, S*out], then sample-major [S, N, out].
+    y = at::mm(x_in[0], w.view({S * out, in}).t()).view({N, S, out}).transpose(0, 1);
+  } else {
+    y = at::bmm(x_in, w.transpose(1, 2));
+  }
+  if (b_mu.has_value()) {
+    const at::Tensor b = sample(b_mu->contiguous(), b_ls->contiguous(), S, seed, 1);
+    y = y + b.unsqueeze(1);
+  }
+  return {y.contiguous(), w};
+}
+
+// grad_mu (+)= dW, grad_ls (+)= dW * (W - mu), one pass.
+template <typename T>
+void accumulate_weight_grads(const T* dw, const T* w, const T* mu, T* gmu, T* gls, int64_t n,
+                             bool first) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      const T g = dw[j];
+      const T d = g * (w[j] - mu[j]);
+      gmu[j] = first ? g : gmu[j] + g;
+      gls[j] = first ? d : gls[j] + d;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_linear_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& w_mu_in,
+    const at::Tensor& w_ls, const std::optional<at::Tensor>& b_ls, const at::Tensor& w,
+    int64_t seed, int64_t n_samples, std::array<bool, 5> mask) {
+  const int64_t S = n_samples, N = x.size(1), in = w_mu_in.size(1), out = w_mu_in.size(0);
+  TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == S && w.size(1) == out && w.size(2) == in,
+                    "bayes_linear_backward: saved must be the sampled weight [", S, ", ", out,
+                    ", ", in, "], got ", w.sizes());
+  TORCH_CHECK_VALUE(grad_in.dim() == 3 && grad_in.size(0) == S && grad_in.size(1) == N &&
+                        grad_in.size(2) == out,
+                    "bayes_linear_backward: grad_out must have shape [", S, ", ", N, ", ", out,
+                    "], got ", grad_in.sizes());
+  const at::Tensor dy = grad_in.contiguous();
+  const at::Tensor w_mu = w_mu_in.contiguous();
+  const auto opts = w_mu.options();
+  // A gradient not asked for is an empty tensor (each its own: outputs must not alias).
+  const auto none = [&] { return at::empty({0}, opts); };
+  at::Tensor gx = none(), gmu = none(), gls = none(), gbmu = none(), gbls = none();
+
+  if (mask[0]) {
+    gx = x.size(0) == 1
+             ? at::mm(dy.transpose(0, 1).reshape({N, S * out}), w.view({S * out, in})).unsqueeze(0)
+             : at::bmm(dy, w);
+  }
+  if (mask[1] || mask[2]) {
+    gmu = at::empty_like(w_mu);
+    gls = at::empty_like(w_mu);
+    at::Tensor dw = at::empty_like(w_mu);
+    for (int64_t s = 0; s < S; ++s) {
+      at::mm_out(dw, dy[s].t(), x[x.size(0) == 1 ? 0 : s]);
+      AT_DISPATCH_FLOATING_TYPES(dw.scalar_type(), "bayes_linear_backward_cpu", [&] {
+        accumulate_weight_grads(dw.const_data_ptr<scalar_t>(), w[s].const_data_ptr<scalar_t>(),
+                                w_mu.const_data_ptr<scalar_t>(), gmu.mutable_data_ptr<scalar_t>(),
+                                gls.mutable_data_ptr<scalar_t>(), w_mu.numel(), s == 0);
+      });
+    }
+  }
+  if ((mask[3] || mask[4]) && b_ls.has_value()) {
+    const at::Tensor db = dy.sum(1);  // [S, out]
+    gbmu = db.sum(0);
+    if (mask[4]) {
+      at::Tensor eps = at::empty({S, out}, opts.dtype(at::kFloat));
+      fill_normal(eps.mutable_data_ptr<float>(), S * out, uint64_t(seed), 1, 0);
+      gbls = (db * eps.to(db.scalar_type()) * b_ls->exp()).sum(0);
+    }
+  }
+  return {gx, gmu, gls, gbmu, gbls};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnn_fast, CPU, m) {
+  m.impl("bayes_linear", &bayes_linear_cpu);
+  m.impl("bayes_linear_backward", &bayes_linear_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace bnn_fast

@@ -1,0 +1,185 @@
+// Counter-based normal noise on the CPU, and the fill_normal_ operator.
+//
+// The AVX2 path runs Philox on 8 block counters per vector (32x32->64 products with
+// _mm256_mul_epu32 on even and odd lanes) and Box-Muller with Sleef's log and sincos: 32 normals
+// per step. Work is done in aligned groups of 32 indices (8 Philox blocks), so whichever way a
+// range is split, each index is computed by the same instructions: bit-identical results.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/noise.h"
+#include "cpu/simd.h"
+#include "philox.h"
+
+namespace bnn_fast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kGroup = 32;  // normals per SIMD step: 8 Philox blocks of 4
+
+void fill_normal_scalar(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start) {
+  uint64_t i = start;
+  const uint64_t end = start + static_cast<uint64_t>(n);
+  while (i < end) {
+    const uint64_t block = i >> 2;
+    float z[4];
+    box_muller4(philox_block(seed, stream, block), z);
+    const uint64_t stop = std::min(end, (block + 1) * 4);
+    for (; i < stop; ++i) out[i - start] = z[i & 3];
+  }
+}
+
+#if BNN_HAVE_X86_SIMD
+// (hi, lo) of a * m for 8 lanes.
+BNN_AVX2 inline void mulhilo8(__m256i a, __m256i m, __m256i* hi, __m256i* lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// uint32 -> float rounded to nearest, as static_cast<float>(uint32_t): both halves convert
+// exactly and the one addition rounds once.
+BNN_AVX2 inline __m256 u32_to_float(__m256i r) {
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(r, 16));
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(r, _mm256_set1_epi32(0xFFFF)));
+  return _mm256_add_ps(_mm256_mul_ps(hi, _mm256_set1_ps(65536.0f)), lo);
+}
+
+BNN_AVX2 inline __m256 uniform_open01_8(__m256i r) {
+  return _mm256_add_ps(_mm256_mul_ps(u32_to_float(r), _mm256_set1_ps(kTwoPow32Inv)),
+                       _mm256_set1_ps(kTwoPow33Inv));
+}
+
+// Normals 4*first_block .. 4*first_block+31 into out[0..32). first_block % 8 == 0, so the low
+// counter word never carries within the group.
+BNN_AVX2 void normal_group_avx2(uint64_t seed, uint64_t stream, uint64_t first_block, float* out) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(uint32_t(first_block))), lane);
+  __m256i c1 = _mm256_set1_epi32(static_cast<int>(uint32_t(first_block >> 32)));
+  __m256i c2 = _mm256_set1_epi32(static_cast<int>(uint32_t(stream)));
+  __m256i c3 = _mm256_set1_epi32(static_cast<int>(uint32_t(stream >> 32)));
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  for (int round = 0; round < 10; ++round) {
+    __m256i hi0, lo0, hi1, lo1;
+    mulhilo8(c0, m0, &hi0, &lo0);
+    mulhilo8(c2, m1, &hi1, &lo1);
+    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(int(k0)));
+    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(int(k1)));
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  const __m256i r[4] = {c0, c1, c2, c3};
+  __m256 z[4];
+  for (int pair = 0; pair < 2; ++pair) {
+    const __m256 u1 = uniform_open01_8(r[2 * pair]);
+    const __m256 u2 = uniform_open01_8(r[2 * pair + 1]);
+    const __m256 radius =
+        _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), Sleef_logf8_u10avx2(u1)));
+    const BnnSleefFloat8x2 sc = Sleef_sincosf8_u10avx2(_mm256_mul_ps(_mm256_set1_ps(kTwoPi), u2));
+    z[2 * pair] = _mm256_mul_ps(radius, sc.y);
+    z[2 * pair + 1] = _mm256_mul_ps(radius, sc.x);
+  }
+  // z[j] lane k is normal 4k + j: transpose the 4 x 8 into 32 consecutive floats.
+  const __m256 a = _mm256_unpacklo_ps(z[0], z[1]);
+  const __m256 b = _mm256_unpackhi_ps(z[0], z[1]);
+  const __m256 c = _mm256_unpacklo_ps(z[2], z[3]);
+  const __m256 d = _mm256_unpackhi_ps(z[2], z[3]);
+  const __m256 e = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(a), _mm256_castps_pd(c)));
+  const __m256 f = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(a), _mm256_castps_pd(c)));
+  const __m256 g = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(b), _mm256_castps_pd(d)));
+  const __m256 h = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(b), _mm256_castps_pd(d)));
+  _mm256_storeu_ps(out + 0, _mm256_permute2f128_ps(e, f, 0x20));
+  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(g, h, 0x20));
+  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(e, f, 0x31));
+  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(g, h, 0x31));
+}
+
+void fill_normal_avx2(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start) {
+  uint64_t i = start;
+  const uint64_t end = start + static_cast<uint64_t>(n);
+  while (i < end) {
+    const uint64_t group = i / kGroup;
+    const uint64_t g_begin = group * kGroup;
+    const uint64_t g_end = g_begin + kGroup;
+    if (i == g_begin && g_end <= end) {
+      normal_group_avx2(seed, stream, g_begin / 4, out + (i - start));
+      i = g_end;
+    } else {  // a partial group at either end of the range
+      float z[kGroup];
+      normal_group_avx2(seed, stream, g_begin / 4, z);
+      const uint64_t stop = std::min(end, g_end);
+      std::memcpy(out + (i - start), z + (i - g_begin), (stop - i) * sizeof(float));
+      i = stop;
+    }
+  }
+}
+#endif
+
+void fill_normal_cpu(const at::Tensor& out, int64_t seed, int64_t stream, int64_t offset) {
+  TORCH_CHECK_VALUE(out.is_contiguous(), "fill_normal_: out must be contiguous");
+  TORCH_CHECK_VALUE(offset >= 0, "fill_normal_: offset must be >= 0, got ", offset);
+  const int64_t n = out.numel();
+  if (n == 0) return;
+  const auto fill = [&](float* dst) {
+    at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+      fill_normal(dst + b, e - b, uint64_t(seed), uint64_t(stream), uint64_t(offset + b));
+    });
+  };
+  if (out.scalar_type() == at::kFloat) {
+    fill(out.mutable_data_ptr<float>());
+  } else {
+    // The contract computes in float32 whatever the dtype, then casts.
+    at::Tensor tmp = at::empty(out.sizes(), out.options().dtype(at::kFloat));
+    fill(tmp.mutable_data_ptr<float>());
+    out.copy_(tmp);
+  }
+}
+
+at::Tensor philox4x32_10_cpu(const at::Tensor& counter_in, const at::Tensor& key_in) {
+  TORCH_CHECK_VALUE(counter_in.dim() == 2 && counter_in.size(1) == 4,
+                    "philox4x32_10: counter must have shape [n, 4], got ", counter_in.sizes());
+  TORCH_CHECK_VALUE(key_in.dim() == 2 && key_in.size(1) == 2 && key_in.size(0) == counter_in.size(0),
+                    "philox4x32_10: key must have shape [", counter_in.size(0), ", 2], got ",
+                    key_in.sizes());
+  const at::Tensor counter = counter_in.to(at::kLong).contiguous();
+  const at::Tensor key = key_in.to(at::kLong).contiguous();
+  at::Tensor out = at::empty_like(counter);
+  const int64_t* c = counter.const_data_ptr<int64_t>();
+  const int64_t* k = key.const_data_ptr<int64_t>();
+  int64_t* o = out.mutable_data_ptr<int64_t>();
+  for (int64_t row = 0; row < counter.size(0); ++row) {
+    Philox4 in = {{uint32_t(c[4 * row]), uint32_t(c[4 * row + 1]), uint32_t(c[4 * row + 2]),
+                   uint32_t(c[4 * row + 3])}};
+    const Philox4 r = philox4x32_10(in, uint32_t(k[2 * row]), uint32_t(k[2 * row + 1]));
+    for (int lane = 0; lane < 4; ++lane) o[4 * row + lane] = int64_t(r.v[lane]);
+  }
+  return out;
+}
+
+}  // namespace
+
+void fill_normal(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start) {
+#if BNN_HAVE_X86_SIMD
+  if (use_avx2()) return fill_normal_avx2(out, n, seed, stream, start);
+#endif
+  fill_normal_scalar(out, n, seed, stream, start);
+}
+
+TORCH_LIBRARY_IMPL(bnn_fast, CPU, m) {
+  m.impl("fill_normal_", &fill_normal_cpu);
+  m.impl("philox4x32_10", &philox4x32_10_cpu);
+}
+
+}  // namespace cpu
+}  // namespace bnn_fast

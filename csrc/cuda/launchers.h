@@ -1,0 +1,67 @@
+// Raw-pointer launchers of the CUDA kernels. This header and the .cu files that implement it
+// include no torch header (they compile in seconds); the torch glue in cuda/*.cpp checks the
+// arguments, picks the device and stream, and calls these. Each returns the launch's error.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace bnn_fast {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// ---- gaussian_kl -------------------------------------------------------------------------
+// One entry per (mu, log_sigma) pair; first_chunk is the prefix sum of ceil(numel / kKlChunk).
+struct KlEntry {
+  const void* mu;
+  const void* log_sigma;
+  void* grad_mu;         // backward only
+  void* grad_log_sigma;  // backward only
+  int64_t numel;
+  int64_t first_chunk;
+};
+constexpr int64_t kKlChunk = 8192;
+
+// partial[c] = sum of the KL of chunk c (float64); then *out = sum of partial in chunk order,
+// cast to dtype. Deterministic: the chunks, the block size and the reduction order are fixed.
+cudaError_t launch_gaussian_kl(DType dtype, const KlEntry* entries_dev, int n_entries,
+                               int64_t n_chunks, double* partial_dev, void* out_dev,
+                               double prior_mu, double prior_log_sigma, cudaStream_t stream);
+
+// grad_mu = g (mu - m) / s^2, grad_log_sigma = g (sigma^2 / s^2 - 1), g read from grad_dev.
+cudaError_t launch_gaussian_kl_backward(DType dtype, const KlEntry* entries_dev, int n_entries,
+                                        int64_t n_chunks, const void* grad_dev, double prior_mu,
+                                        double prior_log_sigma, cudaStream_t stream);
+
+// ---- noise -------------------------------------------------------------------------------
+// out[k] = normal(seed, stream_id, offset + k), k < n, float32.
+cudaError_t launch_fill_normal(float* out, int64_t n, uint64_t seed, uint64_t stream_id,
+                               uint64_t offset, cudaStream_t stream);
+
+// ---- bayes_linear ------------------------------------------------------------------------
+// out[s, j] = mu[j] + exp(log_sigma[j]) * normal(seed, stream_id, s * numel + j).
+cudaError_t launch_sample(DType dtype, const void* mu, const void* log_sigma, void* out,
+                          int64_t numel, int64_t n_samples, uint64_t seed, uint64_t stream_id,
+                          cudaStream_t stream);
+
+// Small-batch forward without materializing W: y[s, n, o] = sum_j W_s[o, j] x[xs, n, j] + b_s[o]
+// with W_s and b_s generated in registers. x: [x_samples, N, in] contiguous (x_samples 1 or S),
+// y: [S, N, out]. N <= kFusedMaxRows. b_mu/b_log_sigma may be null.
+constexpr int kFusedMaxRows = 8;
+cudaError_t launch_linear_fused_small_batch(DType dtype, const void* x, const void* w_mu,
+                                            const void* w_log_sigma, const void* b_mu,
+                                            const void* b_log_sigma, void* y, int64_t x_samples,
+                                            int64_t n_samples, int64_t rows, int64_t in_features,
+                                            int64_t out_features, uint64_t seed,
+                                            cudaStream_t stream);
+
+// grad_mu[j] = sum_s dw[s, j]; grad_log_sigma[j] = sum_s dw[s, j] * eps_s[j] * exp(log_sigma[j]),
+// eps regenerated from (seed, stream 0). dw: [S, numel].
+cudaError_t launch_weight_grads(DType dtype, const void* dw, const void* log_sigma, void* grad_mu,
+                                void* grad_log_sigma, int64_t numel, int64_t n_samples,
+                                uint64_t seed, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace bnn_fast

@@ -1,0 +1,115 @@
+// bayes_linear on CUDA: checks, then the fused small-batch kernel (N <= kFusedMaxRows) or one
+// sampling pass plus cuBLAS through ATen. The backward rebuilds W from (seed, stream) into a
+// temporary for grad_x and regenerates the noise inside the weight-gradient kernel, so the
+// forward saves nothing weight-sized.
+#include <torch/library.h>
+
+#include <array>
+
+#include "checks.h"
+#include "cuda/glue.h"
+
+namespace bnn_fast {
+namespace cuda {
+namespace {
+
+at::Tensor sample(const at::Tensor& mu, const at::Tensor& ls, int64_t n_samples, int64_t seed,
+                  uint64_t stream_id) {
+  std::vector<int64_t> shape{n_samples};
+  shape.insert(shape.end(), mu.sizes().begin(), mu.sizes().end());
+  at::Tensor out = at::empty(shape, mu.options());
+  BNN_CUDA_CHECK("bayes_linear", launch_sample(to_dtype(mu.scalar_type(), "bayes_linear", "weight_mu"),
+                                               mu.const_data_ptr(), ls.const_data_ptr(),
+                                               out.mutable_data_ptr(), mu.numel(), n_samples,
+                                               uint64_t(seed), stream_id, current_stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> bayes_linear_cuda(const at::Tensor& x_in,
+                                                     const at::Tensor& w_mu_in,
+                                                     const at::Tensor& w_ls_in,
+                                                     const std::optional<at::Tensor>& b_mu_in,
+                                                     const std::optional<at::Tensor>& b_ls_in,
+                                                     int64_t seed, int64_t n_samples) {
+  check_bayes_linear_args(x_in, w_mu_in, w_ls_in, b_mu_in, b_ls_in, n_samples);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DType dt = to_dtype(x_in.scalar_type(), "bayes_linear", "x");
+  const int64_t S = n_samples, N = x_in.size(1), in = w_mu_in.size(1), out = w_mu_in.size(0);
+  const at::Tensor w_mu = w_mu_in.contiguous(), w_ls = w_ls_in.contiguous();
+  const bool has_bias = b_mu_in.has_value();
+  const at::Tensor b_mu = has_bias ? b_mu_in->contiguous() : at::Tensor();
+  const at::Tensor b_ls = has_bias ? b_ls_in->contiguous() : at::Tensor();
+  const at::Tensor saved = at::empty({0}, x_in.options());
+  if (N >= 1 && N <= kFusedMaxRows) {
+    const at::Tensor x = x_in.contiguous();
+    at::Tensor y = at::empty({S, N, out}, x.options());
+    BNN_CUDA_CHECK("bayes_linear",
+                   launch_linear_fused_small_batch(
+                       dt, x.const_data_ptr(), w_mu.const_data_ptr(), w_ls.const_data_ptr(),
+                       has_bias ? b_mu.const_data_ptr() : nullptr,
+                       has_bias ? b_ls.const_data_ptr() : nullptr, y.mutable_data_ptr(), x.size(0),
+                       S, N, in, out, uint64_t(seed), current_stream()));
+    return {y, saved};
+  }
+  const at::Tensor w = sample(w_mu, w_ls, S, seed, 0);
+  at::Tensor y = x_in.size(0) == 1
+                     ? at::mm(x_in[0], w.view({S * out, in}).t()).view({N, S, out}).transpose(0, 1)
+                     : at::bmm(x_in, w.transpose(1, 2));
+  if (has_bias) y = y + sample(b_mu, b_ls, S, seed, 1).unsqueeze(1);
+  return {y.contiguous(), saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_linear_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& w_mu_in,
+    const at::Tensor& w_ls_in, const std::optional<at::Tensor>& b_ls, const at::Tensor& saved,
+    int64_t seed, int64_t n_samples, std::array<bool, 5> mask) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t S = n_samples, N = x.size(1), in = w_mu_in.size(1), out = w_mu_in.size(0);
+  TORCH_CHECK_VALUE(grad_in.dim() == 3 && grad_in.size(0) == S && grad_in.size(1) == N &&
+                        grad_in.size(2) == out,
+                    "bayes_linear_backward: grad_out must have shape [", S, ", ", N, ", ", out,
+                    "], got ", grad_in.sizes());
+  const DType dt = to_dtype(w_mu_in.scalar_type(), "bayes_linear_backward", "weight_mu");
+  const at::Tensor dy = grad_in.contiguous().to(w_mu_in.scalar_type());
+  const at::Tensor w_mu = w_mu_in.contiguous(), w_ls = w_ls_in.contiguous();
+  const auto opts = w_mu.options();
+  const auto none = [&] { return at::empty({0}, opts); };
+  at::Tensor gx = none(), gmu = none(), gls = none(), gbmu = none(), gbls = none();
+  if (mask[0]) {
+    const at::Tensor w = sample(w_mu, w_ls, S, seed, 0);  // a temporary, not saved
+    gx = x.size(0) == 1
+             ? at::mm(dy.transpose(0, 1).reshape({N, S * out}), w.view({S * out, in})).unsqueeze(0)
+             : at::bmm(dy, w);
+  }
+  if (mask[1] || mask[2]) {
+    const at::Tensor dw = at::bmm(dy.transpose(1, 2), x.expand({S, N, in}));  // [S, out, in]
+    gmu = at::empty_like(w_mu);
+    gls = at::empty_like(w_mu);
+    BNN_CUDA_CHECK("bayes_linear_backward",
+                   launch_weight_grads(dt, dw.const_data_ptr(), w_ls.const_data_ptr(),
+                                       gmu.mutable_data_ptr(), gls.mutable_data_ptr(),
+                                       w_mu.numel(), S, uint64_t(seed), current_stream()));
+  }
+  if ((mask[3] || mask[4]) && b_ls.has_value()) {
+    const at::Tensor db = dy.sum(1);  // [S, out]
+    gbmu = db.sum(0);
+    if (mask[4]) {
+      at::Tensor eps = at::empty({S, out}, opts.dtype(at::kFloat));
+      BNN_CUDA_CHECK("bayes_linear_backward",
+                     launch_fill_normal(eps.mutable_data_ptr<float>(), S * out, uint64_t(seed), 1,
+                                        0, current_stream()));
+      gbls = (db * eps.to(db.scalar_type()) * b_ls->exp()).sum(0);
+    }
+  }
+  return {gx, gmu, gls, gbmu, gbls};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnn_fast, CUDA, m) {
+  m.impl("bayes_linear", &bayes_linear_cuda);
+  m.impl("bayes_linear_backward", &bayes_linear_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace bnn_fast

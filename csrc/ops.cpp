@@ -1,0 +1,45 @@
+// Every bnn_fast operator schema, in one place. Importing bnn_fast._C runs these registrations;
+// the kernels register themselves under their dispatch keys in cpu/ and cuda/.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// _C is an empty module: importing it only loads this library, whose static initializers
+// register the operators with the dispatcher.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(bnn_fast, m) {
+  // Summed KL(N(mu_i, exp(log_sigma_i)^2) || N(prior_mu, exp(prior_log_sigma)^2)) over all
+  // elements of all tensors, in one launch. Returns a 0-dim tensor of the inputs' dtype.
+  m.def("gaussian_kl(Tensor[] mu, Tensor[] log_sigma, float prior_mu, float prior_log_sigma) -> Tensor");
+  m.def(
+      "gaussian_kl_backward(Tensor grad, Tensor[] mu, Tensor[] log_sigma, float prior_mu, "
+      "float prior_log_sigma) -> (Tensor[], Tensor[])");
+
+  // Raw Philox4x32-10 (the C++ definition in philox.h), for the known-answer tests:
+  // counter int64 [n, 4] and key int64 [n, 2] hold uint32 values; returns int64 [n, 4].
+  m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
+
+  // Fills `out` with the contract's noise: out.flatten()[i] = normal(seed, stream, offset + i).
+  // seed and stream are uint64 reinterpreted as int64.
+  m.def("fill_normal_(Tensor(a!) out, int seed, int stream, int offset) -> ()");
+
+  // Reparameterized Bayesian linear with n_samples weight samples.
+  //   x: [S or 1, N, in]; weight_*: [out, in]; bias_*: [out]. Returns (y [S, N, out], saved),
+  //   where saved is the sampled weight [S, out, in] when the backend keeps it for the backward
+  //   (CPU) and an empty tensor when the backward regenerates the noise (CUDA).
+  //   Weight noise: stream 0, index s * out * in + j; bias noise: stream 1, index s * out + o.
+  m.def(
+      "bayes_linear(Tensor x, Tensor weight_mu, Tensor weight_log_sigma, Tensor? bias_mu, "
+      "Tensor? bias_log_sigma, int seed, int n_samples) -> (Tensor, Tensor)");
+  // Gradients (x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma); one not asked for in
+  // output_mask comes back as an empty tensor.
+  m.def(
+      "bayes_linear_backward(Tensor grad_out, Tensor x, Tensor weight_mu, Tensor weight_log_sigma, "
+      "Tensor? bias_log_sigma, Tensor saved, int seed, int n_samples, bool[5] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

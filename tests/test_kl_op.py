@@ -1,0 +1,164 @@
+"""bnn_fast::gaussian_kl: the fused closed-form KL against its reference and torch.distributions."""
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+import bnn_fast
+from bnn_fast import _ops, reference
+from conftest import DEVICES, requires_ext
+
+pytestmark = requires_ext
+
+
+def make_params(shapes, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mus = [torch.randn(s, generator=g, dtype=dtype).to(device) for s in shapes]
+    lss = [(torch.randn(s, generator=g, dtype=dtype) * 0.5 - 2).to(device) for s in shapes]
+    return mus, lss
+
+
+SHAPES = [(7, 5), (13,), (3, 4, 2), (1,)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_equals_reference(device, dtype):
+    mus, lss = make_params(SHAPES, dtype, device)
+    got = _ops.gaussian_kl(mus, lss, 0.1, math.log(0.3))
+    want = reference.gaussian_kl(mus, lss, 0.1, math.log(0.3))
+    assert got.dtype == dtype and got.device.type == device and got.dim() == 0
+    torch.testing.assert_close(got, want, rtol=1e-10 if dtype == torch.float64 else 1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kl_equals_torch_distributions_float64(device):
+    mus, lss = make_params(SHAPES, torch.float64, device)
+    got = _ops.gaussian_kl(mus, lss, -0.2, math.log(0.5))
+    prior = Normal(torch.tensor(-0.2, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64))
+    want = sum(kl_divergence(Normal(m.cpu(), s.cpu().exp()), prior).sum() for m, s in zip(mus, lss))
+    assert abs(got.item() - want.item()) <= 1e-10 * abs(want.item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_gradients_equal_reference(device, dtype):
+    mus, lss = make_params(SHAPES, dtype, device, seed=1)
+    for t in mus + lss:
+        t.requires_grad_(True)
+    got = torch.autograd.grad(_ops.gaussian_kl(mus, lss, 0.0, -1.0) * 3.0, mus + lss)
+    want = torch.autograd.grad(reference.gaussian_kl(mus, lss, 0.0, -1.0) * 3.0, mus + lss)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kl_gradcheck_float64(device):
+    mus, lss = make_params([(3, 4), (5,)], torch.float64, device, seed=2)
+    inputs = [t.requires_grad_(True) for t in mus + lss]
+
+    def f(*ts):
+        return _ops.gaussian_kl(list(ts[:2]), list(ts[2:]), 0.3, math.log(0.7))
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_opcheck(device, dtype):
+    mus, lss = make_params([(6, 3), (4,)], dtype, device, seed=3)
+    for t in mus + lss:
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.bnn_fast.gaussian_kl.default, (mus, lss, 0.0, -2.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kl_extreme_log_sigma_is_finite_and_correct(device):
+    ls = torch.linspace(-20, 20, 41, dtype=torch.float64, device=device)
+    mu = torch.zeros_like(ls)
+    got = _ops.gaussian_kl([mu], [ls], 0.0, 0.0)
+    want = reference.gaussian_kl([mu], [ls], 0.0, 0.0)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    g_mu, g_ls = torch.ops.bnn_fast.gaussian_kl_backward(torch.ones((), dtype=torch.float64, device=device), [mu], [ls], 0.0, 0.0)
+    assert torch.isfinite(g_ls[0]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kl_large_float32_does_not_drift(device):
+    # 2^22 identical elements: a float32 accumulator would lose several digits.
+    n = 1 << 22
+    mu = torch.full((n,), 0.25, device=device)
+    ls = torch.full((n,), math.log(0.1), device=device)
+    got = _ops.gaussian_kl([mu], [ls], 0.0, math.log(0.1)).item()
+    one = reference.gaussian_kl_elements(torch.tensor(0.25, dtype=torch.float64), torch.tensor(math.log(0.1), dtype=torch.float32).double(), 0.0, math.log(0.1)).item()
+    assert abs(got - one * n) <= 1e-6 * abs(one * n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kl_is_deterministic_across_thread_counts(device):
+    mus, lss = make_params([(300, 700), (5000,)], torch.float32, device, seed=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _ops.gaussian_kl(mus, lss, 0.0, -1.0)
+        torch.set_num_threads(2)
+        two = _ops.gaussian_kl(mus, lss, 0.0, -1.0)
+    finally:
+        torch.set_num_threads(before)
+    assert one.item() == two.item()
+
+
+def test_kl_cpu_scalar_path_equals_simd_path(monkeypatch):
+    mus, lss = make_params([(257, 3), (11,)], torch.float64, "cpu", seed=5)
+    simd = _ops.gaussian_kl(mus, lss, 0.2, -1.5)
+    monkeypatch.setenv("BNN_FAST_CPU_SIMD", "0")
+    scalar = _ops.gaussian_kl(mus, lss, 0.2, -1.5)
+    torch.testing.assert_close(simd, scalar, rtol=1e-13, atol=0)
+
+
+def test_kl_empty_list_is_zero():
+    assert _ops.gaussian_kl([], [], 0.0, 0.0).item() == 0.0
+
+
+def test_kl_empty_tensors_are_zero():
+    got = _ops.gaussian_kl([torch.empty(0, 3)], [torch.empty(0, 3)], 0.0, 0.0)
+    assert got.item() == 0.0
+
+
+def test_kl_rejects_mixed_dtypes():
+    with pytest.raises(TypeError, match=r"mus\[1\].*float64"):
+        _ops.gaussian_kl([torch.zeros(2), torch.zeros(2, dtype=torch.float64)], [torch.zeros(2), torch.zeros(2)], 0.0, 0.0)
+
+
+def test_kl_rejects_mixed_devices():
+    with pytest.raises(ValueError, match=r"log_sigmas\[0\].*meta"):
+        _ops.gaussian_kl([torch.zeros(2)], [torch.zeros(2, device="meta")], 0.0, 0.0)
+
+
+def test_kl_rejects_shape_mismatch():
+    with pytest.raises(ValueError, match=r"log_sigmas\[0\]"):
+        _ops.gaussian_kl([torch.zeros(2)], [torch.zeros(3)], 0.0, 0.0)
+
+
+def test_kl_op_rejects_mixed_dtypes_directly():
+    with pytest.raises(TypeError, match=r"mu\[1\]"):
+        torch.ops.bnn_fast.gaussian_kl([torch.zeros(2), torch.zeros(2, dtype=torch.float64)], [torch.zeros(2), torch.zeros(2, dtype=torch.float64)], 0.0, 0.0)
+
+
+def test_kl_rejects_integer_dtype():
+    with pytest.raises(TypeError, match="float32 or float64"):
+        _ops.gaussian_kl([torch.zeros(2, dtype=torch.int32)], [torch.zeros(2, dtype=torch.int32)], 0.0, 0.0)
+
+
+def test_kl_nan_propagates():
+    got = _ops.gaussian_kl([torch.tensor([float("nan"), 0.0])], [torch.zeros(2)], 0.0, 0.0)
+    assert torch.isnan(got)
+
+
+def test_kl_double_backward_raises_clear_error():
+    mu = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    ls = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(_ops.gaussian_kl([mu], [ls], 0.0, 0.0), mu, create_graph=True)

@@ -1,0 +1,204 @@
+"""bnn_fast::bayes_linear: the fused kernel against its pure-PyTorch twin with the same noise."""
+import math
+
+import pytest
+import torch
+
+from bnn_fast import _ops, reference
+from conftest import CUDA, DEVICES, requires_ext
+
+pytestmark = requires_ext
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+def make_layer(out_f, in_f, dtype, device, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mu = (torch.rand(out_f, in_f, generator=g, dtype=dtype) - 0.5).to(device)
+    ls = (torch.randn(out_f, in_f, generator=g, dtype=dtype) * 0.3 - 1.5).to(device)
+    if not bias:
+        return mu, ls, None, None
+    bmu = (torch.rand(out_f, generator=g, dtype=dtype) - 0.5).to(device)
+    bls = (torch.randn(out_f, generator=g, dtype=dtype) * 0.3 - 1.5).to(device)
+    return mu, ls, bmu, bls
+
+
+def reference_with_kernel_noise(x, mu, ls, bmu, bls, seed, S):
+    """The reference computation fed the exact noise the kernel draws (the RNG contract)."""
+    out_f, in_f = mu.shape
+    eps_w = _ops.normal((S, out_f, in_f), seed, 0, dtype=mu.dtype, device=mu.device)
+    eps_b = _ops.normal((S, out_f), seed, 1, dtype=mu.dtype, device=mu.device) if bmu is not None else None
+    return reference.bayes_linear(x, mu, ls, bmu, bls, eps_w, eps_b)
+
+
+CASES = [  # (S, x_samples, N, in, out, bias)
+    (1, 1, 1, 16, 8, True),
+    (1, 1, 5, 33, 7, True),
+    (1, 1, 40, 64, 24, False),
+    (3, 1, 4, 17, 5, True),
+    (3, 3, 6, 12, 9, True),
+    (2, 2, 20, 8, 3, False),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("S,xs,N,in_f,out_f,bias", CASES)
+def test_forward_equals_reference(device, dtype, S, xs, N, in_f, out_f, bias):
+    mu, ls, bmu, bls = make_layer(out_f, in_f, dtype, device, bias)
+    x = torch.randn(xs, N, in_f, dtype=dtype, device=device)
+    seed = 1234567890123
+    got = _ops.bayes_linear(x, mu, ls, bmu, bls, seed, S)
+    want = reference_with_kernel_noise(x, mu, ls, bmu, bls, seed, S)
+    assert got.shape == (S, N, out_f)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("S,xs,N,in_f,out_f,bias", CASES)
+def test_gradients_equal_reference(device, dtype, S, xs, N, in_f, out_f, bias):
+    params = [p for p in make_layer(out_f, in_f, dtype, device, bias, seed=1) if p is not None]
+    x = torch.randn(xs, N, in_f, dtype=dtype, device=device)
+    seed = 99
+    grads = []
+    for fn in (_ops.bayes_linear, reference_with_kernel_noise):
+        leaves = [t.detach().clone().requires_grad_(True) for t in [x] + params]
+        xx, mu, ls = leaves[:3]
+        bmu, bls = (leaves[3], leaves[4]) if bias else (None, None)
+        y = fn(xx, mu, ls, bmu, bls, seed, S)
+        weights = torch.linspace(-1, 1, y.numel(), dtype=dtype, device=device).reshape(y.shape)
+        grads.append(torch.autograd.grad((y * weights).sum(), leaves))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("S,xs", [(1, 1), (2, 1), (2, 2)])
+def test_gradcheck_float64(device, S, xs):
+    mu, ls, bmu, bls = make_layer(4, 5, torch.float64, device, seed=2)
+    x = torch.randn(xs, 3, 5, dtype=torch.float64, device=device)
+    inputs = [t.requires_grad_(True) for t in (x, mu, ls, bmu, bls)]
+    assert torch.autograd.gradcheck(lambda *a: _ops.bayes_linear(*a, 77, S), inputs)
+
+
+def test_double_backward_raises_clear_error():
+    mu, ls, bmu, bls = make_layer(3, 4, torch.float64, "cpu")
+    x = torch.randn(1, 2, 4, dtype=torch.float64, requires_grad=True)
+    mu.requires_grad_(True)
+    y = _ops.bayes_linear(x, mu, ls, bmu, bls, 1, 1)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("S,xs", [(1, 1), (3, 1), (3, 3)])
+def test_opcheck(device, dtype, S, xs):
+    mu, ls, bmu, bls = make_layer(6, 5, dtype, device, seed=3)
+    x = torch.randn(xs, 4, 5, dtype=dtype, device=device)
+    for t in (x, mu, ls, bmu, bls):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.bnn_fast.bayes_linear.default, (x, mu, ls, bmu, bls, 5, S))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_mean_and_variance_match_closed_form(device):
+    # y = x W^T + b with W ~ N(mu, sigma^2): mean x mu^T + b_mu, var sum_j x_j^2 sigma_j^2 + sigma_b^2.
+    mu, ls, bmu, bls = make_layer(3, 10, torch.float64, device, seed=4)
+    x = torch.randn(1, 2, 10, dtype=torch.float64, device=device)
+    S = 40_000
+    y = _ops.bayes_linear(x, mu, ls, bmu, bls, 2025, S)  # [S, 2, 3]
+    mean = x[0] @ mu.T + bmu
+    var = (x[0] ** 2) @ torch.exp(2 * ls).T + torch.exp(2 * bls)
+    z_mean = (y.mean(0) - mean) / torch.sqrt(var / S)
+    z_var = (y.var(0) - var) / (var * math.sqrt(2 / (S - 1)))
+    assert z_mean.abs().max() < 5 and z_var.abs().max() < 5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    mu, ls, bmu, bls = make_layer(3, 4, torch.float32, device)
+    x = torch.randn(1, 0, 4, device=device, requires_grad=True)
+    y = _ops.bayes_linear(x, mu, ls, bmu, bls, 0, 2)
+    assert y.shape == (2, 0, 3)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_non_contiguous_input():
+    mu, ls, bmu, bls = make_layer(3, 4, torch.float64, "cpu")
+    x = torch.randn(1, 4, 5, dtype=torch.float64).transpose(1, 2)  # [1, 5, 4], not contiguous
+    got = _ops.bayes_linear(x, mu, ls, bmu, bls, 3, 2)
+    torch.testing.assert_close(got, reference_with_kernel_noise(x, mu, ls, bmu, bls, 3, 2))
+
+
+def test_non_finite_parameters_propagate():
+    mu, ls, bmu, bls = make_layer(3, 4, torch.float32, "cpu")
+    mu[0, 0] = float("nan")
+    ls[1, 1] = float("inf")
+    y = _ops.bayes_linear(torch.ones(1, 2, 4), mu, ls, bmu, bls, 3, 1)
+    assert torch.isnan(y[0, :, 0]).all() and not torch.isfinite(y[0, :, 1]).any()
+    assert torch.isfinite(y[0, :, 2]).all()
+
+
+def test_same_seed_same_output_and_new_seed_new_output():
+    mu, ls, bmu, bls = make_layer(5, 6, torch.float32, "cpu")
+    x = torch.randn(1, 3, 6)
+    a, b, c = (_ops.bayes_linear(x, mu, ls, bmu, bls, s, 1) for s in (10, 10, 11))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(x=torch.randn(1, 2, 5)), ValueError, r"x must have last dim 4 \(in_features\), got 5"),
+        (dict(x=torch.randn(2, 4)), ValueError, r"x must be 3-D"),
+        (dict(x=torch.randn(2, 2, 4), n_samples=3), ValueError, r"x.size\(0\) must be 1 or n_samples"),
+        (dict(n_samples=0), ValueError, r"n_samples must be >= 1"),
+        (dict(x=torch.ones(1, 2, 4, dtype=torch.int64)), TypeError, r"x must be a floating-point"),
+        (dict(x=torch.randn(1, 2, 4, dtype=torch.float64)), TypeError, r"weight_mu must have dtype"),
+        (dict(bias_mu=torch.zeros(5), bias_log_sigma=torch.zeros(5)), ValueError, r"bias_mu must have shape \[3\]"),
+        (dict(weight_log_sigma=torch.zeros(3, 5)), ValueError, r"weight_log_sigma must have the shape of weight_mu"),
+        (dict(bias_log_sigma=None), ValueError, r"bias_mu and bias_log_sigma must be given together"),
+        (dict(x=torch.randn(1, 2, 4, dtype=torch.float16), weight_mu=torch.zeros(3, 4, dtype=torch.float16),
+              weight_log_sigma=torch.zeros(3, 4, dtype=torch.float16), bias_mu=None, bias_log_sigma=None),
+         TypeError, r"float32 or float64 on the CPU"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, exc, match):
+    args = dict(x=torch.randn(1, 2, 4), weight_mu=torch.zeros(3, 4), weight_log_sigma=torch.zeros(3, 4),
+                bias_mu=torch.zeros(3), bias_log_sigma=torch.zeros(3), seed=0, n_samples=1)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        _ops.bayes_linear(**args)
+
+
+def test_wrong_device_names_the_argument():
+    with pytest.raises(ValueError, match=r"weight_mu must be on meta like x, got cpu"):
+        torch.ops.bnn_fast.bayes_linear(torch.randn(1, 2, 4, device="meta"), torch.zeros(3, 4), torch.zeros(3, 4), None, None, 0, 1)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels compiled")
+@pytest.mark.parametrize("N", [1, 8, 9, 100])
+def test_cuda_equals_cpu(N):
+    mu, ls, bmu, bls = make_layer(33, 70, torch.float32, "cpu")
+    x = torch.randn(1, N, 70)
+    cpu = _ops.bayes_linear(x, mu, ls, bmu, bls, 8, 2)
+    gpu = _ops.bayes_linear(*(t.cuda() for t in (x, mu, ls, bmu, bls)), 8, 2).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels compiled")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N", [4, 64])
+def test_cuda_low_precision_against_float32(dtype, N):
+    mu, ls, bmu, bls = make_layer(64, 128, torch.float32, "cuda")
+    x = torch.randn(1, N, 128, device="cuda")
+    want = reference_with_kernel_noise(x, mu, ls, bmu, bls, 4, 1)
+    got = _ops.bayes_linear(*(t.to(dtype) for t in (x, mu, ls, bmu, bls)), 4, 1).float()
+    # Judged against what PyTorch itself gets at this precision (flash-attention's rule).
+    eps_w = _ops.normal((1, 64, 128), 4, 0, device="cuda")
+    eps_b = _ops.normal((1, 64), 4, 1, device="cuda")
+    torch_lp = reference.bayes_linear(*(t.to(dtype) for t in (x, mu, ls, bmu, bls, eps_w, eps_b))).float()
+    assert (got - want).abs().max() <= 2 * (torch_lp - want).abs().max() + 1e-3

@@ -1,0 +1,48 @@
+"""The regression demo (python -m bnn_fast.examples.regression) runs end to end, quickly, with
+tiny settings: it trains (the loss goes down) and saves a valid PNG."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from bnn_fast.examples import regression  # noqa: E402  (after the matplotlib check)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_main_trains_and_saves_the_figure(tmp_path, capsys):
+    out = tmp_path / "fit.png"
+    run = regression.main(["--steps", "40", "--samples", "100", "--device", "cpu",
+                           "--out", str(out), "--no-progress"])
+    assert len(run.losses) == 40
+    first, last = sum(run.losses[:10]) / 10, sum(run.losses[-10:]) / 10
+    assert last < first, (first, last)
+    assert run.figure == out.resolve()
+    assert out.read_bytes().startswith(PNG_SIGNATURE)
+    printed = capsys.readouterr().out
+    assert "training: 40 steps" in printed and "prediction: 100 samples" in printed
+    assert f"figure: {out.resolve()}" in printed
+
+
+def test_module_runs_from_the_command_line_with_the_default_output(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(
+        [sys.executable, "-m", "bnn_fast.examples.regression", "--steps", "5", "--samples", "20",
+         "--device", "cpu", "--no-progress"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "regression.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert "figure: " in done.stdout
+
+
+@pytest.mark.parametrize("argv", [["--estimator", "flipout"], ["--steps", "0"], ["--samples", "-1"]])
+def test_bad_options_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        regression.parse_args(argv)
+    assert exit_info.value.code == 2
