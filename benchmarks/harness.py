@@ -160,11 +160,12 @@ def _unique(values):
 class Runner:
     """Times cases, collects extra tables and target checks, and writes the results files."""
 
-    def __init__(self, suite: str, args: argparse.Namespace):
+    def __init__(self, suite: str, args: argparse.Namespace, min_run_time: float = FULL_MIN_RUN_TIME):
+        """min_run_time: seconds of timed runs per case in a full run (--quick overrides it)."""
         self.suite = suite
         self.args = args
         self.device = torch.device(args.device)
-        self.min_run_time = QUICK_MIN_RUN_TIME if args.quick else FULL_MIN_RUN_TIME
+        self.min_run_time = QUICK_MIN_RUN_TIME if args.quick else min_run_time
         self.measurements: list[benchmark.Measurement] = []
         self.tables: list[tuple[str, list, list[list]]] = []  # (title, header, rows)
         self.targets: list[dict] = []

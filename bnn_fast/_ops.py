@@ -281,10 +281,15 @@ def _register() -> None:
     def linear_setup(ctx, inputs, output):
         x, w_mu, w_ls, b_mu, b_ls, seed, n_samples = inputs
         ctx.seed, ctx.n_samples, ctx.has_bias = seed, n_samples, b_mu is not None
+        # The second output (the kept weight sample) never receives a gradient: without this,
+        # autograd would fill a weight-sized zero tensor for it on every backward.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, w_mu, w_ls, b_ls, output[1])
 
     def linear_backward(ctx, grad_y, grad_saved):
         x, w_mu, w_ls, b_ls, saved = ctx.saved_tensors
+        if grad_y is None:  # not materialized: nothing flowed back into y
+            return (None,) * 7
         _no_double_backward("bayes_linear", grad_y, x, w_mu, w_ls, b_ls)
         needs = ctx.needs_input_grad
         mask = [needs[0], needs[1], needs[2], ctx.has_bias and needs[3], ctx.has_bias and needs[4]]

@@ -100,7 +100,9 @@ def sample_many(n_samples: int) -> Iterator[SamplingState]:
     try:
         n_samples = operator.index(n_samples)
     except TypeError:
-        raise TypeError(f"sample_many: n_samples must be an int, got {type(n_samples).__name__}") from None
+        raise TypeError(
+            f"sample_many: n_samples must be an int, got {type(n_samples).__name__}"
+        ) from None
     if n_samples < 1:
         raise ValueError(f"sample_many: n_samples must be >= 1, got {n_samples}")
     outer = current()
@@ -130,9 +132,13 @@ def fold_input(x: Tensor, layer_name: str) -> tuple[Tensor, int]:
     """
     state = current()
     if state is None:
-        raise RuntimeError(f"{layer_name}: fold_input must be called inside bnn_fast.sampling.sample_many")
+        raise RuntimeError(
+            f"{layer_name}: fold_input must be called inside bnn_fast.sampling.sample_many"
+        )
     if x.dim() == 0:
-        raise ValueError(f"{layer_name}: under sample_many the input needs a batch dimension, got a 0-dim tensor")
+        raise ValueError(
+            f"{layer_name}: under sample_many the input needs a batch dimension, got a 0-dim tensor"
+        )
     s, length = state.n_samples, x.shape[0]
     if state.batch is None:
         state.batch = length
@@ -152,5 +158,7 @@ def fold_input(x: Tensor, layer_name: str) -> tuple[Tensor, int]:
 def unfold_output(y: Tensor) -> Tensor:
     """Folds a layer's ``[S, N, ...]`` output back into the batch: ``[S*N, ...]``, sample-major."""
     if y.dim() < 2:
-        raise ValueError(f"unfold_output: expected an output of shape [S, N, ...], got {tuple(y.shape)}")
+        raise ValueError(
+            f"unfold_output: expected an output of shape [S, N, ...], got {tuple(y.shape)}"
+        )
     return y.reshape(y.shape[0] * y.shape[1], *y.shape[2:])

@@ -57,7 +57,8 @@ class Unwired(ToyBayesLinear):
 
 
 W_MU, W_SIGMA, B_MU, B_SIGMA = [[0.5, -1.0, 2.0]], [[0.3, 0.1, 0.2]], [0.7], [0.4]
-X = torch.tensor([[1.0, 2.0, -1.0], [0.0, 0.5, 0.5], [-2.0, 1.0, 3.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+X = torch.tensor([[1.0, 2.0, -1.0], [0.0, 0.5, 0.5], [-2.0, 1.0, 3.0], [0.0, 0.0, 0.0]],
+                 dtype=torch.float64)
 
 
 def toy(cls=ToyBayesLinear):
@@ -69,6 +70,17 @@ def closed_form(x, w_mu, w_sigma, b_mu, b_sigma):
     mean = x @ w_mu.T + b_mu
     var = (x**2) @ (w_sigma**2).T + b_sigma**2
     return mean, var.sqrt()
+
+
+def toy_closed_form():
+    values = (torch.tensor(v, dtype=torch.float64) for v in (W_MU, W_SIGMA, B_MU, B_SIGMA))
+    return closed_form(X, *values)
+
+
+def layer_closed_form(layer):
+    p = {name: t.detach().double() for name, t in layer.named_parameters()}
+    return closed_form(X, p["weight_mu"], p["weight_log_sigma"].exp(),
+                       p["bias_mu"], p["bias_log_sigma"].exp())
 
 
 def assert_matches_closed_form(result, mean, std, n):
@@ -87,8 +99,7 @@ def test_mean_and_std_of_one_bayesian_linear_match_the_closed_form():
     torch.manual_seed(0)
     n = 20_000
     result = predictive(toy(), X, n)
-    w_mu, w_sigma, b_mu, b_sigma = (torch.tensor(v, dtype=torch.float64) for v in (W_MU, W_SIGMA, B_MU, B_SIGMA))
-    mean, std = closed_form(X, w_mu, w_sigma, b_mu, b_sigma)
+    mean, std = toy_closed_form()
     assert result.mean.shape == result.std.shape == (4, 1)
     assert result.mean.dtype == torch.float64 and result.n_samples == n
     assert_matches_closed_form(result, mean, std, n)
@@ -101,8 +112,9 @@ def test_streaming_over_chunks_equals_the_one_chunk_result(chunk_size):
     torch.testing.assert_close(chunked.mean, whole.mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(chunked.std, whole.std, rtol=1e-12, atol=1e-12)
     # ... and both equal the two-pass statistics of the samples (population std).
-    torch.testing.assert_close(whole.mean, whole.samples.mean(0), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(whole.std, whole.samples.std(0, correction=0), rtol=1e-12, atol=1e-12)
+    two_pass = whole.samples.mean(0), whole.samples.std(0, correction=0)
+    torch.testing.assert_close(whole.mean, two_pass[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(whole.std, two_pass[1], rtol=1e-12, atol=1e-12)
 
 
 def test_std_stays_accurate_when_it_is_tiny_next_to_the_mean():
@@ -125,7 +137,8 @@ def test_quantiles_agree_with_torch_quantile_of_the_samples():
     expected = torch.quantile(result.samples, torch.tensor(q, dtype=torch.float64), dim=0)
     torch.testing.assert_close(result.quantiles, expected)
     # Without return_samples the samples are kept only to compute the quantiles.
-    again = predictive(toy(), X, 3000, chunk_size=256, quantiles=torch.tensor(q, dtype=torch.float64), seed=0)
+    q_tensor = torch.tensor(q, dtype=torch.float64)
+    again = predictive(toy(), X, 3000, chunk_size=256, quantiles=q_tensor, seed=0)
     assert again.samples is None
     torch.testing.assert_close(again.quantiles, expected)
 
@@ -176,8 +189,7 @@ def test_unwired_bayesian_layers_fall_back_to_one_pass_per_sample_with_a_warning
     with pytest.warns(RuntimeWarning, match="Unwired do not support"):
         result = predictive(layer, X, 4000, chunk_size=500)
     assert set(layer.draws) == {1} and len(layer.draws) == 4000
-    w_mu, w_sigma, b_mu, b_sigma = (torch.tensor(v, dtype=torch.float64) for v in (W_MU, W_SIGMA, B_MU, B_SIGMA))
-    assert_matches_closed_form(result, *closed_form(X, w_mu, w_sigma, b_mu, b_sigma), 4000)
+    assert_matches_closed_form(result, *toy_closed_form(), 4000)
 
 
 def test_a_model_without_bayesian_layers_runs_plain_passes_silently():
@@ -197,7 +209,8 @@ def test_a_layer_that_claims_support_but_does_not_fold_is_reported():
         def forward(self, x):
             return x
 
-    with pytest.raises(RuntimeError, match=r"returned 4 rows for a batch of 4, expected 3\*4=12.*fold_input"):
+    message = r"returned 4 rows for a batch of 4, expected 3\*4=12.*fold_input"
+    with pytest.raises(RuntimeError, match=message):
         predictive(Liar(), X, 10, chunk_size=3)
 
 
@@ -209,15 +222,14 @@ def test_real_bayes_linear_matches_the_closed_form():
         warnings.simplefilter("ignore", RuntimeWarning)
         result = predictive(layer, X.float(), 20_000)
     assert result.mean.shape == (4, 2) and result.mean.dtype == torch.float32
-    p = {name: t.detach().double() for name, t in layer.named_parameters()}
-    mean, std = closed_form(X, p["weight_mu"], p["weight_log_sigma"].exp(), p["bias_mu"], p["bias_log_sigma"].exp())
-    assert_matches_closed_form(result, mean, std, 20_000)
+    assert_matches_closed_form(result, *layer_closed_form(layer), 20_000)
 
 
 @real_layers_wired
 def test_real_bayes_linear_is_sampled_in_folded_chunks():
     torch.manual_seed(0)
-    model = nn.Sequential(bnn_fast.BayesLinear(0, 0.2, 3, 16), nn.ReLU(), bnn_fast.BayesLinear(0, 0.2, 16, 1))
+    model = nn.Sequential(bnn_fast.BayesLinear(0, 0.2, 3, 16), nn.ReLU(),
+                          bnn_fast.BayesLinear(0, 0.2, 16, 1))
     x = X.float()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning: every layer folds
@@ -243,7 +255,8 @@ def two_class_model(sigma):
 def test_classification_statistics_equal_brute_force_over_the_same_samples():
     x = torch.zeros(3, 1, dtype=torch.float64)
     result = predictive_classification(two_class_model(3.0), x, 2000, chunk_size=128, seed=5)
-    logits = predictive(two_class_model(3.0), x, 2000, chunk_size=128, seed=5, return_samples=True).samples
+    logits = predictive(two_class_model(3.0), x, 2000, chunk_size=128, seed=5,
+                        return_samples=True).samples
     p = logits.softmax(-1)  # [S, N, C]
     probs = p.mean(0)
     entropy = -(probs * probs.log()).sum(-1)
@@ -279,7 +292,8 @@ def test_reproducible_under_torch_manual_seed():
     for _ in range(2):
         torch.manual_seed(123)
         results.append(predictive(toy(), X, 300, chunk_size=50))
-    assert torch.equal(results[0].mean, results[1].mean) and torch.equal(results[0].std, results[1].std)
+    assert torch.equal(results[0].mean, results[1].mean)
+    assert torch.equal(results[0].std, results[1].std)
 
 
 def test_seed_argument_is_reproducible_and_leaves_the_global_generator_alone():
@@ -301,7 +315,8 @@ def test_progress_bar_shows_on_request_only(capsys):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_results_stay_on_the_device_and_samples_go_to_the_cpu():
-    result = predictive(toy().cuda(), X.cuda(), 500, chunk_size=100, quantiles=[0.5], return_samples=True, seed=0)
+    result = predictive(toy().cuda(), X.cuda(), 500, chunk_size=100, quantiles=[0.5],
+                        return_samples=True, seed=0)
     assert result.mean.device.type == result.std.device.type == "cuda"
     assert result.samples.device.type == result.quantiles.device.type == "cpu"
 

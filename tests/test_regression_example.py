@@ -30,7 +30,9 @@ def test_main_trains_and_saves_the_figure(tmp_path, capsys):
 
 
 def test_module_runs_from_the_command_line_with_the_default_output(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    # The repository on the path, as when the command is run from its root.
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
     done = subprocess.run(
         [sys.executable, "-m", "bnn_fast.examples.regression", "--steps", "5", "--samples", "20",
          "--device", "cpu", "--no-progress"],
@@ -41,8 +43,9 @@ def test_module_runs_from_the_command_line_with_the_default_output(tmp_path):
     assert "figure: " in done.stdout
 
 
-@pytest.mark.parametrize("argv", [["--estimator", "flipout"], ["--steps", "0"], ["--samples", "-1"]])
-def test_bad_options_are_refused(argv, capsys):
+@pytest.mark.parametrize("argv", [["--estimator", "flipout"], ["--steps", "0"],
+                                  ["--samples", "-1"]])
+def test_bad_options_are_refused(argv):
     with pytest.raises(SystemExit) as exit_info:
         regression.parse_args(argv)
     assert exit_info.value.code == 2

@@ -42,8 +42,9 @@ class ToyBayesLinear(nn.Module):
         # xs: [1 or S, N, in] -> [S, N, out]; the noise is drawn sample by sample, weight first,
         # so sample_many(1) consumes the generator exactly as a plain forward does.
         eps = [(torch.randn_like(self.weight_mu), torch.randn_like(self.bias_mu)) for _ in range(s)]
-        self.weight = self.weight_mu + self.weight_log_sigma.exp() * torch.stack([w for w, _ in eps])
-        self.bias = self.bias_mu + self.bias_log_sigma.exp() * torch.stack([b for _, b in eps])
+        weight_eps, bias_eps = (torch.stack(e) for e in zip(*eps))
+        self.weight = self.weight_mu + self.weight_log_sigma.exp() * weight_eps
+        self.bias = self.bias_mu + self.bias_log_sigma.exp() * bias_eps
         return xs @ self.weight.transpose(-1, -2) + self.bias.unsqueeze(1)
 
 
@@ -196,7 +197,8 @@ def test_a_second_batch_size_in_one_block_is_refused():
 @real_layers_wired
 def test_real_bayes_linear_draws_s_samples_under_sample_many():
     torch.manual_seed(0)
-    model = nn.Sequential(bnn_fast.BayesLinear(0, 0.1, 3, 8), nn.ReLU(), bnn_fast.BayesLinear(0, 0.1, 8, 2))
+    model = nn.Sequential(bnn_fast.BayesLinear(0, 0.1, 3, 8), nn.ReLU(),
+                          bnn_fast.BayesLinear(0, 0.1, 8, 2))
     x = torch.randn(5, 3)
     with torch.no_grad():
         with sample_many(4):

@@ -5,7 +5,7 @@ then draws 10,000 weight samples on 300 test points in one :func:`bnn_fast.predi
 call and saves a figure of the predicted mean, the mean +- 3 std band, the test points and the
 true mean x^5 - 10x + 1::
 
-    python -m bnn_fast.examples.regression                   # regression.png in the current directory
+    python -m bnn_fast.examples.regression         # saves regression.png in the current directory
     python -m bnn_fast.examples.regression --steps 500 --samples 1000 --out /tmp/fit.png
 
 Needs matplotlib (``pip install bnn-fast[examples]``).
@@ -84,7 +84,8 @@ def make_model() -> nn.Sequential:
     )
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, progress: bool) -> list[float]:
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
+          progress: bool) -> list[float]:
     """Adam on MSE + 0.01 * KL (mean over the Bayesian parameters); returns each step's loss."""
     mse_loss = nn.MSELoss()
     kl_loss = bnn.BKLLoss(reduction="mean", last_layer_only=False)
@@ -110,7 +111,8 @@ def plot(x_test: torch.Tensor, y_test: torch.Tensor, result: PredictiveResult, o
     FigureCanvasAgg(fig)  # render with Agg, whatever pyplot's backend is
     ax = fig.add_subplot()
     ax.plot(x, mean, color="navy", lw=3, label="Predicted mean")
-    ax.fill_between(x, mean - 3 * std, mean + 3 * std, color="navy", alpha=0.2, label="99.7% interval")
+    ax.fill_between(x, mean - 3 * std, mean + 3 * std, color="navy", alpha=0.2,
+                    label="99.7% interval")
     ax.scatter(x, y_test[:, 0].cpu().numpy(), color="darkorange", s=8, label="Test set")
     ax.plot(x, x**5 - 10 * x + 1, color="green", label=r"True function $x^5 - 10x + 1$")
     ax.set_xlabel("x")
@@ -138,7 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Run:
     losses = train(model, x, y, args.steps, progress)
     _synchronize(args.device)
     train_seconds = time.perf_counter() - start
-    print(f"training: {args.steps} steps in {train_seconds:.2f} s (loss {losses[0]:.2f} -> {losses[-1]:.2f})")
+    print(f"training: {args.steps} steps in {train_seconds:.2f} s "
+          f"(loss {losses[0]:.2f} -> {losses[-1]:.2f})")
 
     x_test, y_test = make_data(300, args.device)
     start = time.perf_counter()

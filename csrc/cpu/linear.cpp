@@ -156,9 +156,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
              : at::bmm(dy, w);
   }
   if (mask[1] || mask[2]) {
-    gmu = at::empty_like(w_mu);
-    gls = at::empty_like(w_mu);
+    // S == 1: dW itself becomes grad_mu; otherwise one dW buffer is reused for every sample.
     at::Tensor dw = at::empty_like(w_mu);
+    gmu = S == 1 ? dw : at::empty_like(w_mu);
+    gls = at::empty_like(w_mu);
     for (int64_t s = 0; s < S; ++s) {
       at::mm_out(dw, dy[s].t(), x[x.size(0) == 1 ? 0 : s]);
       AT_DISPATCH_FLOATING_TYPES(dw.scalar_type(), "bayes_linear_backward_cpu", [&] {

@@ -85,8 +85,8 @@ BNN_AVX2 void normal_group_avx2(uint64_t seed, uint64_t stream, uint64_t first_b
     const __m256 u1 = uniform_open01_8(r[2 * pair]);
     const __m256 u2 = uniform_open01_8(r[2 * pair + 1]);
     const __m256 radius =
-        _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), Sleef_logf8_u10avx2(u1)));
-    const BnnSleefFloat8x2 sc = Sleef_sincosf8_u10avx2(_mm256_mul_ps(_mm256_set1_ps(kTwoPi), u2));
+        _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), Sleef_logf8_u35avx2(u1)));
+    const BnnSleefFloat8x2 sc = Sleef_sincosf8_u35avx2(_mm256_mul_ps(_mm256_set1_ps(kTwoPi), u2));
     z[2 * pair] = _mm256_mul_ps(radius, sc.y);
     z[2 * pair + 1] = _mm256_mul_ps(radius, sc.x);
   }
