@@ -10,5 +10,7 @@ from . import modules, functional, utils
 from .modules import *  # noqa: F401,F403  (torchbnn's surface: BayesLinear, BayesConv2d, ...)
 from .modules import BayesLinear, BayesConv2d, BayesBatchNorm2d, BKLLoss
 from .utils import freeze, unfreeze, transform_model
+from . import estimators
+from .estimators import estimator
 
 __version__ = "0.1.0"

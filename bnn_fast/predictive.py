@@ -32,10 +32,11 @@ __all__ = ["PredictiveResult", "ClassificationResult", "predictive", "predictive
 
 _MB = 1 << 20
 # On the CPU, buffers beyond malloc's mmap threshold (32 MiB at most) are fresh pages on every
-# chunk: for the regression demo (300 points, 1000 hidden units), chunks with 38 MB activations
-# spent 3x more CPU time in page faults than in compute, chunks with 10 MB ones none at all.
-# So CPU chunks keep their estimated working set under this.
-_CPU_CHUNK_BYTES = 16 * _MB
+# chunk: for the regression demo (300 points, 1000 hidden units), chunks with 48 MB activations
+# spent more CPU time in page faults than in compute, while chunks with 16-30 MB ones spent
+# next to none and ran 2x faster (much smaller chunks pay the per-pass overhead instead). A
+# 48 MiB working set keeps the largest activation (charged twice) under the threshold.
+_CPU_CHUNK_BYTES = 48 * _MB
 
 
 @dataclass
@@ -128,7 +129,7 @@ def predictive(
             output terms when samples are drawn one pass at a time). A rough estimate of the
             working set, excluding the model and `x` themselves.
         memory_budget_mb (float): the working-set budget in MiB when `chunk_size` is ``None``;
-            on the CPU at most 16 MiB are used whatever the budget, since bigger chunks run
+            on the CPU at most 48 MiB are used whatever the budget, since bigger chunks run
             slower there (page faults on fresh buffers every chunk). Default: 256
         quantiles (sequence of float or 1-D Tensor, optional): levels in (0, 1); their values are
             computed with :func:`torch.quantile` (linear interpolation) over the samples.

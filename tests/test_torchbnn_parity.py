@@ -58,6 +58,10 @@ def public_attributes(module):
 # API surface
 
 
+# Our keyword-only additions to torchbnn's signatures.
+EXTRA_KEYWORDS = {"BayesLinear": ["estimator"]}
+
+
 @pytest.mark.parametrize("path", [
     "BayesLinear", "BayesConv2d", "BayesBatchNorm2d", "BKLLoss",
     "functional.bayesian_kl_loss", "utils.freeze", "utils.unfreeze",
@@ -66,7 +70,12 @@ def test_signature_matches_torchbnn(path):
     ours, theirs = bnn_fast, torchbnn
     for part in path.split("."):
         ours, theirs = getattr(ours, part), getattr(theirs, part)
-    assert inspect.signature(ours) == inspect.signature(theirs)
+    ours = list(inspect.signature(ours).parameters.values())
+    theirs = list(inspect.signature(theirs).parameters.values())
+    # torchbnn's parameters, positions and defaults included, then only our keyword-only additions.
+    assert ours[:len(theirs)] == theirs
+    extra = [(p.name, p.kind) for p in ours[len(theirs):]]
+    assert extra == [(name, inspect.Parameter.KEYWORD_ONLY) for name in EXTRA_KEYWORDS.get(path, [])]
 
 
 @pytest.mark.parametrize("frozen", [False, True])

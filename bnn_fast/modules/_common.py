@@ -1,16 +1,54 @@
-"""Helpers shared by the Bayesian layers: reparameterized sampling and input validation."""
+"""Helpers shared by the Bayesian layers: reparameterized sampling, noise and input validation."""
 import torch
+
+from .. import _ops
+
+# The RNG contract's streams (DESIGN.md section 3): one per kind of noise of a forward pass, so
+# that the draws of one seed never overlap.
+WEIGHT_STREAM = 0
+BIAS_STREAM = 1
+LOCAL_OUTPUT_STREAM = 2
+INPUT_SIGNS_STREAM = 3
+OUTPUT_SIGNS_STREAM = 4
 
 
 def sample_gaussian(mu, log_sigma, eps):
     """mu + exp(log_sigma) * eps, drawing eps with ``torch.randn_like(log_sigma)`` when it is None.
 
     The expression and the draw are torchbnn's, so that under one ``torch.manual_seed`` both
-    libraries consume the generator identically and produce bit-identical samples.
+    libraries consume the generator identically and produce bit-identical samples. An `eps` of
+    shape ``[S, *mu.shape]`` gives S samples.
     """
     if eps is None:
         eps = torch.randn_like(log_sigma)
     return mu + torch.exp(log_sigma) * eps
+
+
+def new_noise_seed():
+    """The seed of one forward pass's noise (see :func:`draw_normal`): a fresh 64-bit seed when
+    the compiled kernels are in use, ``None`` on the pure-PyTorch path."""
+    return _ops.new_seed() if _ops.use_kernels() else None
+
+
+def draw_normal(shape, seed, stream, like):
+    """Standard normal noise of `shape`, in `like`'s dtype and on its device.
+
+    With an int `seed`, the counter-based RNG (``_ops.normal(shape, seed, stream)``, DESIGN.md
+    section 3); with ``None``, ``torch.randn``, so that the pure-PyTorch path does not depend on
+    the extension.
+    """
+    if seed is None:
+        return torch.randn(shape, dtype=like.dtype, device=like.device)
+    return _ops.normal(shape, seed, stream, dtype=like.dtype, device=like.device)
+
+
+def sample_noise(n_samples, eps, like, seed, stream):
+    """Noise ``[S, *like.shape]`` for S samples of a parameter: a frozen layer's `eps` for every
+    sample, or fresh noise from :func:`draw_normal` when `eps` is None."""
+    shape = (n_samples,) + tuple(like.shape)
+    if eps is not None:
+        return eps.expand(shape)
+    return draw_normal(shape, seed, stream, like)
 
 
 def check_input(layer, input, reference):

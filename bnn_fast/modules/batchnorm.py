@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn import Module, Parameter
 
-from ._common import check_input, sample_gaussian
+from .. import sampling
+from ._common import BIAS_STREAM, WEIGHT_STREAM, check_input, new_noise_seed, sample_gaussian, sample_noise
 
 __all__ = ["BayesBatchNorm2d"]
 
@@ -52,8 +53,17 @@ class BayesBatchNorm2d(Module):
 
         >>> m = BayesBatchNorm2d(prior_mu=0, prior_sigma=0.1, num_features=100)
         >>> output = m(torch.randn(20, 100, 35, 45))
+
+    Inside :func:`bnn_fast.sampling.sample_many` it draws S samples of the scale and shift per
+    call (the noise then from the counter-based RNG when the extension is loaded, ``torch.randn``
+    otherwise) and normalizes with the running statistics, or, with
+    ``track_running_stats=False``, with each sample's own batch statistics. Training mode with
+    running statistics is not supported there (S samples would update them at once): call
+    ``model.eval()`` before :func:`bnn_fast.predictive.predictive`.
     """
 
+    # Follows the sampling.sample_many protocol.
+    _supports_sampling = True
     _version = 2
 
     def __init__(self, prior_mu, prior_sigma, num_features, eps=1e-5, momentum=0.1, affine=True,
@@ -123,7 +133,9 @@ class BayesBatchNorm2d(Module):
 
     def forward(self, input):
         self._check_input(input)
-        return self._forward_reference(input)
+        if sampling.current() is None:
+            return self._forward_reference(input)
+        return self._forward_samples(input)
 
     def _check_input(self, input):
         reference = self.weight_mu if self.affine else self.running_mean
@@ -162,6 +174,35 @@ class BayesBatchNorm2d(Module):
             self.training or not self.track_running_stats,
             exponential_average_factor, self.eps,
         )
+
+    def _forward_samples(self, input):
+        """S affine samples (inside sampling.sample_many): ``[N or S*N, C, H, W]`` ->
+        ``[S*N, C, H, W]``, sample s normalized, then scaled and shifted by affine sample s."""
+        name = type(self).__name__
+        if self.training and self.track_running_stats:
+            raise NotImplementedError(
+                f"{name}: training mode is not supported under sample_many (the S samples would "
+                "update the running statistics at once); call model.eval() first, e.g. before "
+                "bnn_fast.predictive.predictive"
+            )
+        x, n_samples = sampling.fold_input(input, name)  # [1 or S, N, C, H, W]
+        shape = (-1, 1, x.shape[2], 1, 1)  # per sample and channel
+        if self.track_running_stats:
+            mean, var = self.running_mean.reshape(shape), self.running_var.reshape(shape)
+        else:
+            # Each sample's own batch, as if its N rows had been run alone.
+            var, mean = torch.var_mean(x, dim=(1, 3, 4), correction=0, keepdim=True)
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            seed = new_noise_seed()
+            eps_w = sample_noise(n_samples, self.weight_eps, self.weight_log_sigma, seed, WEIGHT_STREAM)
+            eps_b = sample_noise(n_samples, self.bias_eps, self.bias_log_sigma, seed, BIAS_STREAM)
+            weight = sample_gaussian(self.weight_mu, self.weight_log_sigma, eps_w).reshape(shape)
+            bias = sample_gaussian(self.bias_mu, self.bias_log_sigma, eps_b).reshape(shape)
+            scale, shift = scale * weight, shift * weight + bias
+        y = x * scale.to(x.dtype) + shift.to(x.dtype)
+        return sampling.unfold_output(y.expand(n_samples, *y.shape[1:]))
 
     def extra_repr(self):
         return (

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch.nn import Module, Parameter
 from torch.nn.modules.utils import _pair
 
-from ._common import check_input, sample_gaussian
+from .. import sampling
+from ._common import BIAS_STREAM, WEIGHT_STREAM, check_input, new_noise_seed, sample_gaussian, sample_noise
 
 __all__ = ["BayesConv2d"]
 
@@ -64,7 +65,15 @@ class BayesConv2d(Module):
         >>> output = m(torch.randn(20, 16, 50, 100))
         >>> print(output.size())
         torch.Size([20, 33, 24, 49])
+
+    Inside :func:`bnn_fast.sampling.sample_many` it draws S kernel samples per call and runs
+    them as one grouped convolution (the sample axis folded into the batch, sample-major); the
+    noise then comes from the counter-based RNG when the extension is loaded (``torch.randn``
+    otherwise), and the input must be 4D.
     """
+
+    # Follows the sampling.sample_many protocol.
+    _supports_sampling = True
 
     def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride=1,
                  padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros"):
@@ -158,7 +167,9 @@ class BayesConv2d(Module):
 
     def forward(self, input):
         self._check_input(input)
-        return self._forward_reference(input)
+        if sampling.current() is None:
+            return self._forward_reference(input)
+        return self._forward_samples(input)
 
     def _check_input(self, input):
         check_input(self, input, self.weight_mu)
@@ -180,6 +191,39 @@ class BayesConv2d(Module):
         if self.bias:
             bias = sample_gaussian(self.bias_mu, self.bias_log_sigma, self.bias_eps)
         return self._conv_forward(input, weight, bias)
+
+    def _forward_samples(self, input):
+        """S kernel samples in one grouped convolution (inside sampling.sample_many).
+
+        Input ``[N or S*N, C, H, W]`` -> ``[S*N, out_channels, H', W']``: sample s convolves its
+        rows (or all N rows of an un-repeated input) with kernel sample s. The S samples become
+        S times the groups: channels ``[s*C, (s+1)*C)`` of an ``[N, S*C, H, W]`` input meet
+        kernels ``[s*out, (s+1)*out)``. Frozen layers use their fixed noise for every sample.
+        """
+        name = type(self).__name__
+        if input.dim() != 4:
+            raise ValueError(
+                f"{name}: under sample_many the input must be 4D (N, C, H, W), got {input.dim()}D input"
+            )
+        x, n_samples = sampling.fold_input(input, name)  # [1 or S, N, C, H, W]
+        seed = new_noise_seed()
+        eps_w = sample_noise(n_samples, self.weight_eps, self.weight_log_sigma, seed, WEIGHT_STREAM)
+        weight = sample_gaussian(self.weight_mu, self.weight_log_sigma, eps_w)  # [S, out, C/g, kh, kw]
+        bias = None
+        if self.bias:
+            eps_b = sample_noise(n_samples, self.bias_eps, self.bias_log_sigma, seed, BIAS_STREAM)
+            bias = sample_gaussian(self.bias_mu, self.bias_log_sigma, eps_b).reshape(-1)  # [S*out]
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            # Padded before the broadcast input is expanded: N rows instead of S*N.
+            rows = F.pad(x.flatten(0, 1), self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            x, padding = rows.reshape(x.shape[:2] + rows.shape[1:]), _pair(0)
+        n = x.shape[1]
+        x = x.expand(n_samples, *x.shape[1:]).transpose(0, 1).reshape(n, -1, *x.shape[3:])
+        y = F.conv2d(x, weight.flatten(0, 1), bias, self.stride, padding, self.dilation,
+                     n_samples * self.groups)  # [N, S*out, H', W']
+        y = y.reshape(n, n_samples, self.out_channels, *y.shape[2:]).transpose(0, 1)
+        return sampling.unfold_output(y)
 
     def _conv_forward(self, input, weight, bias):
         if self.padding_mode != "zeros":

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn import Module, Parameter
 
-from .. import _ops, reference, sampling
-from ._common import check_input, sample_gaussian
+from .. import _ops, estimators, reference, sampling
+from ._common import BIAS_STREAM, WEIGHT_STREAM, check_input, new_noise_seed, sample_gaussian, sample_noise
 
 __all__ = ["BayesLinear"]
 
@@ -46,6 +46,14 @@ class BayesLinear(Module):
         out_features (int): size of each output sample.
         bias (bool): if ``False`` (or ``None``), the layer learns no additive bias.
             Default: ``True``
+        estimator (str, keyword-only): how the noise is drawn: ``"reparam"`` (torchbnn's: one
+            weight sample per forward pass, shared by the batch), ``"local"`` (local
+            reparameterization: independent noise per output element) or ``"flipout"`` (one
+            shared weight perturbation, sign-flipped per row); see :mod:`bnn_fast.estimators`.
+            Every row's output has the same distribution under each; ``"local"`` and
+            ``"flipout"`` give lower-variance gradients. A ``with bnn_fast.estimator(...)``
+            block overrides it; a frozen layer always uses ``"reparam"`` with its fixed noise.
+            Default: ``"reparam"``
 
     Shape:
         - Input: :math:`(*, H_{in})` where :math:`*` means any number of dimensions including
@@ -62,6 +70,7 @@ class BayesLinear(Module):
             ``None`` without bias.
         weight_eps, bias_eps: buffers holding the fixed noise while frozen, ``None`` otherwise.
         bias (bool): whether the layer has a bias.
+        estimator (str): the layer's estimator; may be reassigned (it is checked).
 
     Examples::
 
@@ -76,16 +85,20 @@ class BayesLinear(Module):
     ``torch.randn_like``, so the samples differ from torchbnn's while the distribution is the
     same. Without the extension, or while frozen, the layer computes exactly what torchbnn does.
     Inside :func:`bnn_fast.sampling.sample_many` it draws S weight samples per call (the sample
-    axis folded into the batch, sample-major).
+    axis folded into the batch, sample-major). The ``"local"`` and ``"flipout"`` estimators are
+    PyTorch compositions over the same counter-based noise (``torch.randn`` on the pure-PyTorch
+    path), not fused kernels.
     """
 
     # Follows the sampling.sample_many protocol.
     _supports_sampling = True
 
-    def __init__(self, prior_mu, prior_sigma, in_features, out_features, bias=True):
+    def __init__(self, prior_mu, prior_sigma, in_features, out_features, bias=True, *,
+                 estimator="reparam"):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.estimator = estimator
 
         self.prior_mu = prior_mu
         self.prior_sigma = prior_sigma
@@ -107,6 +120,15 @@ class BayesLinear(Module):
         self.register_buffer("bias_eps", None)
 
         self.reset_parameters()
+
+    @property
+    def estimator(self):
+        # A layer pickled whole before estimators existed has no _estimator: it was "reparam".
+        return getattr(self, "_estimator", "reparam")
+
+    @estimator.setter
+    def estimator(self, name):
+        self._estimator = estimators.check_estimator(name, f"{type(self).__name__}: estimator")
 
     def reset_parameters(self):
         # torchbnn's (Adv-BNN's) initialization, drawn in torchbnn's order so that one seed gives
@@ -139,13 +161,17 @@ class BayesLinear(Module):
             x, n_samples = sampling.fold_input(input, type(self).__name__)
         # x: [1 or S, N, *, in]; the output keeps x's middle dims: [S, N, *, out].
         out_shape = (n_samples,) + tuple(x.shape[1:-1]) + (self.out_features,)
+        x_rows = x.reshape(x.shape[0], -1, self.in_features)
+        estimator = self._estimator_in_force()
         dtype = _fused_dtype(input, self.weight_mu) if self.weight_eps is None else None
-        if dtype is not None:
-            y = self._forward_fused(x.reshape(x.shape[0], -1, self.in_features), n_samples, dtype)
+        if estimator != "reparam":
+            y = self._forward_estimator(estimator, x_rows, n_samples)
+        elif dtype is not None:
+            y = self._forward_fused(x_rows, n_samples, dtype)
         elif state is None:
             return self._forward_reference(input)
         else:
-            y = self._forward_reference_samples(x, n_samples)
+            y = self._forward_reference_samples(x_rows, n_samples)
         y = y.reshape(out_shape)
         return sampling.unfold_output(y) if state is not None else y.reshape(input.shape[:-1] + (self.out_features,))
 
@@ -170,6 +196,18 @@ class BayesLinear(Module):
             bias = sample_gaussian(self.bias_mu, self.bias_log_sigma, self.bias_eps)
         return F.linear(input, weight, bias)
 
+    def _estimator_in_force(self):
+        # Frozen noise is a weight sample: only "reparam" can use it (torchbnn's semantics).
+        if self.weight_eps is not None:
+            return "reparam"
+        return estimators.current() or self.estimator
+
+    def _forward_estimator(self, name, x, n_samples):
+        """The "local" or "flipout" estimator: x [1 or S, N, in] -> [S, N, out]."""
+        function = estimators.local if name == "local" else estimators.flipout
+        return function(x, self.weight_mu, self.weight_log_sigma, self.bias_mu, self.bias_log_sigma,
+                        n_samples=n_samples, seed=new_noise_seed())
+
     def _forward_fused(self, x, n_samples, dtype):
         """The compiled operator: x [1 or S, N, in] -> [S, N, out]."""
         params = [self.weight_mu, self.weight_log_sigma, self.bias_mu, self.bias_log_sigma]
@@ -177,19 +215,15 @@ class BayesLinear(Module):
         return _ops.bayes_linear(x.to(dtype), *params, _ops.new_seed(), n_samples)
 
     def _forward_reference_samples(self, x, n_samples):
-        """S weight samples in pure PyTorch (x [1 or S, N, *, in] -> [S, N, *, out]); frozen
-        layers reuse their fixed noise for every sample."""
-        def noise(param, eps):
-            shape = (n_samples,) + tuple(param.shape)
-            return eps.expand(shape) if eps is not None else torch.randn(shape, dtype=param.dtype, device=param.device)
-
-        x2 = x.reshape(x.shape[0], -1, self.in_features)
-        eps_w = noise(self.weight_log_sigma, self.weight_eps)
-        eps_b = noise(self.bias_log_sigma, self.bias_eps) if self.bias else None
-        return reference.bayes_linear(x2, self.weight_mu, self.weight_log_sigma, self.bias_mu, self.bias_log_sigma, eps_w, eps_b)
+        """S weight samples in pure PyTorch (x [1 or S, N, in] -> [S, N, out]); frozen layers
+        reuse their fixed noise for every sample."""
+        eps_w = sample_noise(n_samples, self.weight_eps, self.weight_log_sigma, None, WEIGHT_STREAM)
+        eps_b = sample_noise(n_samples, self.bias_eps, self.bias_log_sigma, None, BIAS_STREAM) if self.bias else None
+        return reference.bayes_linear(x, self.weight_mu, self.weight_log_sigma, self.bias_mu, self.bias_log_sigma, eps_w, eps_b)
 
     def extra_repr(self):
         return (
             f"prior_mu={self.prior_mu}, prior_sigma={self.prior_sigma}, "
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias}"
+            + (f", estimator={self.estimator!r}" if self.estimator != "reparam" else "")
         )

@@ -5,13 +5,15 @@
 // Noise generation dominates at small batch, so the backward does not regenerate it: W is kept
 // (one weight-sized buffer per sample) and eps * sigma = W - mu.
 // Backward: dW_s = dy_s^T x_s by GEMM (one reused weight-sized buffer), then one fused pass
-// accumulates grad_mu += dW_s and grad_log_sigma += dW_s * (W_s - mu).
+// accumulates grad_mu += dW_s and grad_log_sigma += dW_s * (W_s - mu); at small batch the dW rows
+// are formed in L1 inside that pass instead.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
+#include <vector>
 
 #include "checks.h"
 #include "cpu/noise.h"
@@ -131,6 +133,36 @@ void accumulate_weight_grads(const T* dw, const T* w, const T* mu, T* gmu, T* gl
   });
 }
 
+// Small batch: dW_s = dy_s^T x_s is a sum of N outer products; computing each dW row in L1 next
+// to its use saves the GEMM's weight-sized write and re-read.
+constexpr int64_t kSmallBatchRows = 16;
+
+template <typename T>
+void accumulate_weight_grads_small_batch(const T* dy, const T* x, const T* w, const T* mu, T* gmu,
+                                         T* gls, int64_t N, int64_t in, int64_t out, bool first) {
+  at::parallel_for(0, out, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(in, 1)),
+                   [&](int64_t b, int64_t e) {
+    std::vector<T> dw(in);
+    for (int64_t o = b; o < e; ++o) {
+      std::fill(dw.begin(), dw.end(), T(0));
+      for (int64_t n = 0; n < N; ++n) {
+        const T g = dy[n * out + o];
+        const T* xn = x + n * in;
+        for (int64_t j = 0; j < in; ++j) dw[j] += g * xn[j];
+      }
+      const T* wo = w + o * in;
+      const T* mo = mu + o * in;
+      T* gm = gmu + o * in;
+      T* gl = gls + o * in;
+      for (int64_t j = 0; j < in; ++j) {
+        const T d = dw[j] * (wo[j] - mo[j]);
+        gm[j] = first ? dw[j] : gm[j] + dw[j];
+        gl[j] = first ? d : gl[j] + d;
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_linear_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& w_mu_in,
     const at::Tensor& w_ls, const std::optional<at::Tensor>& b_ls, const at::Tensor& w,
@@ -155,7 +187,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
              ? at::mm(dy.transpose(0, 1).reshape({N, S * out}), w.view({S * out, in})).unsqueeze(0)
              : at::bmm(dy, w);
   }
-  if (mask[1] || mask[2]) {
+  if ((mask[1] || mask[2]) && N <= kSmallBatchRows) {
+    gmu = at::empty_like(w_mu);
+    gls = at::empty_like(w_mu);
+    const at::Tensor xc = x.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(w_mu.scalar_type(), "bayes_linear_backward_cpu", [&] {
+      for (int64_t s = 0; s < S; ++s) {
+        accumulate_weight_grads_small_batch(
+            dy[s].const_data_ptr<scalar_t>(), xc[x.size(0) == 1 ? 0 : s].const_data_ptr<scalar_t>(),
+            w[s].const_data_ptr<scalar_t>(), w_mu.const_data_ptr<scalar_t>(),
+            gmu.mutable_data_ptr<scalar_t>(), gls.mutable_data_ptr<scalar_t>(), N, in, out, s == 0);
+      }
+    });
+  } else if (mask[1] || mask[2]) {
     // S == 1: dW itself becomes grad_mu; otherwise one dW buffer is reused for every sample.
     at::Tensor dw = at::empty_like(w_mu);
     gmu = S == 1 ? dw : at::empty_like(w_mu);
