@@ -159,13 +159,15 @@ def flipout(
     out_features, in_features = weight_mu.shape
     n = x.shape[1]
     if weight_eps is None:
-        weight_eps = draw_normal((n_samples, out_features, in_features), seed, WEIGHT_STREAM, weight_mu)
+        shape = (n_samples, out_features, in_features)
+        weight_eps = draw_normal(shape, seed, WEIGHT_STREAM, weight_mu)
     if input_signs is None:
         input_signs = _signs((n_samples, n, in_features), seed, INPUT_SIGNS_STREAM, weight_mu)
     if output_signs is None:
         output_signs = _signs((n_samples, n, out_features), seed, OUTPUT_SIGNS_STREAM, weight_mu)
     delta = torch.exp(weight_log_sigma) * weight_eps  # [S, out, in]
-    y = torch.matmul(x, weight_mu.t()) + torch.matmul(x * input_signs, delta.transpose(-1, -2)) * output_signs
+    perturbation = torch.matmul(x * input_signs, delta.transpose(-1, -2)) * output_signs
+    y = torch.matmul(x, weight_mu.t()) + perturbation
     if bias_mu is not None:
         if bias_eps is None:
             bias_eps = draw_normal((n_samples, out_features), seed, BIAS_STREAM, bias_mu)

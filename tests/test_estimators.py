@@ -331,8 +331,9 @@ def test_a_frozen_layer_uses_reparam_with_its_fixed_noise(name):
     layer = BayesLinear(0, 0.1, 5, 3, estimator=name)
     layer.freeze()
     x = torch.randn(2, 5)
-    want = nn.functional.linear(x, layer.weight_mu + layer.weight_log_sigma.exp() * layer.weight_eps,
-                                layer.bias_mu + layer.bias_log_sigma.exp() * layer.bias_eps)
+    weight = layer.weight_mu + layer.weight_log_sigma.exp() * layer.weight_eps
+    bias = layer.bias_mu + layer.bias_log_sigma.exp() * layer.bias_eps
+    want = nn.functional.linear(x, weight, bias)
     with bnn_fast.estimator(name):
         assert which_estimator_ran(layer, x) == "reparam"
         torch.testing.assert_close(layer(x), want)
@@ -340,14 +341,14 @@ def test_a_frozen_layer_uses_reparam_with_its_fixed_noise(name):
 
 @pytest.mark.parametrize("bad", ["Local", "lrt", None, 3])
 def test_invalid_names_raise_value_error_listing_the_valid_ones(bad):
-    message = r"estimator must be one of 'reparam', 'local', 'flipout', got "
-    with pytest.raises(ValueError, match="BayesLinear: " + message):
+    message = r"must be one of 'reparam', 'local', 'flipout', got "
+    with pytest.raises(ValueError, match="BayesLinear: estimator " + message):
         BayesLinear(0, 0.1, 5, 3, estimator=bad)
     layer = BayesLinear(0, 0.1, 5, 3)
-    with pytest.raises(ValueError, match="BayesLinear: " + message):
+    with pytest.raises(ValueError, match="BayesLinear: estimator " + message):
         layer.estimator = bad
     assert layer.estimator == "reparam"
-    with pytest.raises(ValueError, match=r"estimator: name must be one of 'reparam', 'local', 'flipout'"):
+    with pytest.raises(ValueError, match="estimator: name " + message):
         with bnn_fast.estimator(bad):
             pass
 

@@ -75,7 +75,8 @@ def test_signature_matches_torchbnn(path):
     # torchbnn's parameters, positions and defaults included, then only our keyword-only additions.
     assert ours[:len(theirs)] == theirs
     extra = [(p.name, p.kind) for p in ours[len(theirs):]]
-    assert extra == [(name, inspect.Parameter.KEYWORD_ONLY) for name in EXTRA_KEYWORDS.get(path, [])]
+    keyword_only = inspect.Parameter.KEYWORD_ONLY
+    assert extra == [(name, keyword_only) for name in EXTRA_KEYWORDS.get(path, [])]
 
 
 @pytest.mark.parametrize("frozen", [False, True])

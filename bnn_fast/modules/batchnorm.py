@@ -5,7 +5,9 @@ import torch.nn.functional as F
 from torch.nn import Module, Parameter
 
 from .. import sampling
-from ._common import BIAS_STREAM, WEIGHT_STREAM, check_input, new_noise_seed, sample_gaussian, sample_noise
+from ._common import (
+    BIAS_STREAM, WEIGHT_STREAM, check_input, new_noise_seed, sample_gaussian, sample_noise,
+)
 
 __all__ = ["BayesBatchNorm2d"]
 
@@ -196,7 +198,8 @@ class BayesBatchNorm2d(Module):
         shift = -mean * scale
         if self.affine:
             seed = new_noise_seed()
-            eps_w = sample_noise(n_samples, self.weight_eps, self.weight_log_sigma, seed, WEIGHT_STREAM)
+            eps_w = sample_noise(n_samples, self.weight_eps, self.weight_log_sigma, seed,
+                                 WEIGHT_STREAM)
             eps_b = sample_noise(n_samples, self.bias_eps, self.bias_log_sigma, seed, BIAS_STREAM)
             weight = sample_gaussian(self.weight_mu, self.weight_log_sigma, eps_w).reshape(shape)
             bias = sample_gaussian(self.bias_mu, self.bias_log_sigma, eps_b).reshape(shape)

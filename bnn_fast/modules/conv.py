@@ -6,7 +6,9 @@ from torch.nn import Module, Parameter
 from torch.nn.modules.utils import _pair
 
 from .. import sampling
-from ._common import BIAS_STREAM, WEIGHT_STREAM, check_input, new_noise_seed, sample_gaussian, sample_noise
+from ._common import (
+    BIAS_STREAM, WEIGHT_STREAM, check_input, new_noise_seed, sample_gaussian, sample_noise,
+)
 
 __all__ = ["BayesConv2d"]
 
@@ -203,12 +205,14 @@ class BayesConv2d(Module):
         name = type(self).__name__
         if input.dim() != 4:
             raise ValueError(
-                f"{name}: under sample_many the input must be 4D (N, C, H, W), got {input.dim()}D input"
+                f"{name}: under sample_many the input must be 4D (N, C, H, W), "
+                f"got {input.dim()}D input"
             )
         x, n_samples = sampling.fold_input(input, name)  # [1 or S, N, C, H, W]
         seed = new_noise_seed()
         eps_w = sample_noise(n_samples, self.weight_eps, self.weight_log_sigma, seed, WEIGHT_STREAM)
-        weight = sample_gaussian(self.weight_mu, self.weight_log_sigma, eps_w)  # [S, out, C/g, kh, kw]
+        # [S, out, C/groups, kh, kw]
+        weight = sample_gaussian(self.weight_mu, self.weight_log_sigma, eps_w)
         bias = None
         if self.bias:
             eps_b = sample_noise(n_samples, self.bias_eps, self.bias_log_sigma, seed, BIAS_STREAM)
@@ -216,7 +220,8 @@ class BayesConv2d(Module):
         padding = self.padding
         if self.padding_mode != "zeros":
             # Padded before the broadcast input is expanded: N rows instead of S*N.
-            rows = F.pad(x.flatten(0, 1), self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            rows = F.pad(x.flatten(0, 1), self._reversed_padding_repeated_twice,
+                         mode=self.padding_mode)
             x, padding = rows.reshape(x.shape[:2] + rows.shape[1:]), _pair(0)
         n = x.shape[1]
         x = x.expand(n_samples, *x.shape[1:]).transpose(0, 1).reshape(n, -1, *x.shape[3:])

@@ -5,7 +5,9 @@ import torch.nn.functional as F
 from torch.nn import Module, Parameter
 
 from .. import _ops, estimators, reference, sampling
-from ._common import BIAS_STREAM, WEIGHT_STREAM, check_input, new_noise_seed, sample_gaussian, sample_noise
+from ._common import (
+    BIAS_STREAM, WEIGHT_STREAM, check_input, new_noise_seed, sample_gaussian, sample_noise,
+)
 
 __all__ = ["BayesLinear"]
 
@@ -218,8 +220,11 @@ class BayesLinear(Module):
         """S weight samples in pure PyTorch (x [1 or S, N, in] -> [S, N, out]); frozen layers
         reuse their fixed noise for every sample."""
         eps_w = sample_noise(n_samples, self.weight_eps, self.weight_log_sigma, None, WEIGHT_STREAM)
-        eps_b = sample_noise(n_samples, self.bias_eps, self.bias_log_sigma, None, BIAS_STREAM) if self.bias else None
-        return reference.bayes_linear(x, self.weight_mu, self.weight_log_sigma, self.bias_mu, self.bias_log_sigma, eps_w, eps_b)
+        eps_b = None
+        if self.bias:
+            eps_b = sample_noise(n_samples, self.bias_eps, self.bias_log_sigma, None, BIAS_STREAM)
+        return reference.bayes_linear(x, self.weight_mu, self.weight_log_sigma, self.bias_mu,
+                                      self.bias_log_sigma, eps_w, eps_b)
 
     def extra_repr(self):
         return (
