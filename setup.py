@@ -89,7 +89,9 @@ def _extensions():
 
     csrc = os.path.join("csrc")
     sources = [os.path.join(csrc, "ops.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++20", "-fno-fast-math", "-ffp-contract=off", "-Wno-psabi"]
+    # -fopenmp: at::parallel_for is a header template that runs serially unless the translation
+    # unit itself is compiled with OpenMP (ATen/ParallelOpenMP.h tests _OPENMP).
+    cxx = ["-O3", "-std=c++20", "-fno-fast-math", "-ffp-contract=off", "-Wno-psabi", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, csrc)]
     define_macros = []
     if build_cuda:
@@ -104,6 +106,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
             py_limited_api=True,
         )
     else:
@@ -113,6 +116,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
             py_limited_api=True,
         )
     return [ext], {"build_ext": BuildExtension}

@@ -257,9 +257,8 @@ class Runner:
 
     def finish(self, baseline: str = "torchbnn") -> None:
         """Print the Compare table and the Markdown report; write the JSON and Markdown files."""
-        compare = benchmark.Compare(self.measurements)
-        compare.trim_significant_figures()
-        compare.print()
+        # Untrimmed: trim_significant_figures rounds noisy rows to one digit.
+        benchmark.Compare(self.measurements).print()
         info = machine_info(self.args)
         wall0, (busy0, own0) = self.started
         (busy1, own1) = cpu_seconds()

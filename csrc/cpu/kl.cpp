@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/memory.h"
 #include "cpu/simd.h"
 #include "gaussian.h"
 
@@ -139,8 +140,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> gaussian_kl_backwar
   const GaussianPrior prior = GaussianPrior::make(prior_mu, prior_log_sigma);
   std::vector<at::Tensor> gmu, gls;
   for (size_t t = 0; t < mu.size(); ++t) {
-    gmu.push_back(at::empty_like(mu[t]));
-    gls.push_back(at::empty_like(ls[t]));
+    gmu.push_back(empty_like_huge(mu[t]));
+    gls.push_back(empty_like_huge(ls[t]));
   }
   AT_DISPATCH_FLOATING_TYPES(mu[0].scalar_type(), "gaussian_kl_backward_cpu", [&] {
     for (size_t t = 0; t < mu.size(); ++t) {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/memory.h"
 #include "cpu/noise.h"
 #include "cpu/simd.h"
 #include "gaussian.h"
@@ -72,6 +73,7 @@ at::Tensor sample(const at::Tensor& mu, const at::Tensor& ls, int64_t n_samples,
   std::vector<int64_t> shape{n_samples};
   shape.insert(shape.end(), mu.sizes().begin(), mu.sizes().end());
   at::Tensor out = at::empty(shape, mu.options());
+  advise_huge_pages(out);
   const int64_t numel = mu.numel();
   const int64_t total = n_samples * numel;
   if (total == 0) return out;
@@ -105,18 +107,15 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_cpu(const at::Tensor& x_in,
                    x_in.scalar_type());
   const int64_t S = n_samples, N = x_in.size(1), in = w_mu_in.size(1), out = w_mu_in.size(0);
   const at::Tensor w = sample(w_mu_in.contiguous(), w_ls_in.contiguous(), S, seed, 0);
-  at::Tensor y;
-  if (x_in.size(0) == 1) {
-    // One GEMM for all samples: [N, in] x [in, S*out], then sample-major [S, N, out].
-    y = at::mm(x_in[0], w.view({S * out, in}).t()).view({N, S, out}).transpose(0, 1);
-  } else {
-    y = at::bmm(x_in, w.transpose(1, 2));
-  }
-  if (b_mu.has_value()) {
-    const at::Tensor b = sample(b_mu->contiguous(), b_ls->contiguous(), S, seed, 1);
-    y = y + b.unsqueeze(1);
-  }
-  return {y.contiguous(), w};
+  // [S, N, out] written in place by one batched GEMM; a broadcast x is an expanded view (batch
+  // stride 0), never copied S times.
+  const at::Tensor xs = x_in.expand({S, N, in});
+  const at::Tensor y =
+      b_mu.has_value()
+          ? at::baddbmm(sample(b_mu->contiguous(), b_ls->contiguous(), S, seed, 1).unsqueeze(1), xs,
+                        w.transpose(1, 2))
+          : at::bmm(xs, w.transpose(1, 2));
+  return {y, w};
 }
 
 // grad_mu (+)= dW, grad_ls (+)= dW * (W - mu), one pass.
@@ -188,8 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
              : at::bmm(dy, w);
   }
   if ((mask[1] || mask[2]) && N <= kSmallBatchRows) {
-    gmu = at::empty_like(w_mu);
-    gls = at::empty_like(w_mu);
+    gmu = empty_like_huge(w_mu);
+    gls = empty_like_huge(w_mu);
     const at::Tensor xc = x.contiguous();
     AT_DISPATCH_FLOATING_TYPES(w_mu.scalar_type(), "bayes_linear_backward_cpu", [&] {
       for (int64_t s = 0; s < S; ++s) {
@@ -201,9 +200,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
     });
   } else if (mask[1] || mask[2]) {
     // S == 1: dW itself becomes grad_mu; otherwise one dW buffer is reused for every sample.
-    at::Tensor dw = at::empty_like(w_mu);
-    gmu = S == 1 ? dw : at::empty_like(w_mu);
-    gls = at::empty_like(w_mu);
+    at::Tensor dw = empty_like_huge(w_mu);
+    gmu = S == 1 ? dw : empty_like_huge(w_mu);
+    gls = empty_like_huge(w_mu);
     for (int64_t s = 0; s < S; ++s) {
       at::mm_out(dw, dy[s].t(), x[x.size(0) == 1 ? 0 : s]);
       AT_DISPATCH_FLOATING_TYPES(dw.scalar_type(), "bayes_linear_backward_cpu", [&] {

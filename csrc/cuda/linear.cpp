@@ -52,11 +52,11 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_cuda(const at::Tensor& x_in,
     return {y, saved};
   }
   const at::Tensor w = sample(w_mu, w_ls, S, seed, 0);
-  at::Tensor y = x_in.size(0) == 1
-                     ? at::mm(x_in[0], w.view({S * out, in}).t()).view({N, S, out}).transpose(0, 1)
-                     : at::bmm(x_in, w.transpose(1, 2));
-  if (has_bias) y = y + sample(b_mu, b_ls, S, seed, 1).unsqueeze(1);
-  return {y.contiguous(), saved};
+  const at::Tensor xs = x_in.expand({S, N, in});  // batch stride 0 when broadcast: no copy
+  const at::Tensor y = has_bias ? at::baddbmm(sample(b_mu, b_ls, S, seed, 1).unsqueeze(1), xs,
+                                              w.transpose(1, 2))
+                                : at::bmm(xs, w.transpose(1, 2));
+  return {y, saved};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_linear_backward_cuda(
