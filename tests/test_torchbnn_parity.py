@@ -1,4 +1,5 @@
-"""bnn_fast against torchbnn 1.2, the oracle: same API, same numbers under the same seed, and
+"""bnn_fast against torchbnn 1.2, the oracle: same API, same numbers under the same seed (on the
+pure-PyTorch path for unfrozen BayesLinear, whose fused kernel draws counter-based noise), and
 torchbnn's defects fixed where the fix is deliberate (see the README's list)."""
 import inspect
 import math

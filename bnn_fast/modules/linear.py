@@ -39,7 +39,8 @@ class BayesLinear(Module):
     Each weight is :math:`W = \mu + \exp(\log\sigma) \cdot \epsilon`, :math:`\epsilon \sim N(0, 1)`
     (the reparameterization trick), and likewise the bias. The noise is drawn afresh on every call
     unless the layer is frozen (see :meth:`freeze`). A drop-in replacement for
-    ``torchbnn.BayesLinear``: same arguments, parameter names, initialization and random draws.
+    ``torchbnn.BayesLinear``: same arguments, parameter names and initialization (and, on the
+    pure-PyTorch path, the same random draws; see below).
 
     Args:
         prior_mu (float): mean of the Gaussian prior of every weight and bias.
