@@ -2,9 +2,9 @@
 
 Each suite writes its own results/<suite>_<device>.json and .md.
 """
-from benchmarks import bench_kl, bench_linear, harness
+from benchmarks import bench_estimators, bench_kl, bench_linear, bench_predictive, harness
 
-SUITES = (bench_kl, bench_linear)
+SUITES = (bench_kl, bench_linear, bench_predictive, bench_estimators)
 
 
 def main(argv=None):

@@ -110,11 +110,14 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_cpu(const at::Tensor& x_in,
   // [S, N, out] written in place by one batched GEMM; a broadcast x is an expanded view (batch
   // stride 0), never copied S times.
   const at::Tensor xs = x_in.expand({S, N, in});
-  const at::Tensor y =
-      b_mu.has_value()
-          ? at::baddbmm(sample(b_mu->contiguous(), b_ls->contiguous(), S, seed, 1).unsqueeze(1), xs,
-                        w.transpose(1, 2))
-          : at::bmm(xs, w.transpose(1, 2));
+  at::Tensor y = at::empty({S, N, out}, x_in.options());
+  advise_huge_pages(y);
+  if (b_mu.has_value()) {
+    y.copy_(sample(b_mu->contiguous(), b_ls->contiguous(), S, seed, 1).unsqueeze(1).expand({S, N, out}));
+    y.baddbmm_(xs, w.transpose(1, 2));
+  } else {
+    at::bmm_out(y, xs, w.transpose(1, 2));
+  }
   return {y, w};
 }
 

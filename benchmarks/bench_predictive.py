@@ -1,0 +1,252 @@
+"""The seed article's regression demo: posterior prediction with 10,000 samples, and training.
+
+The network is the article's 1-1000-1 MLP (BayesLinear(0, 0.1, 1, 1000) - ReLU -
+BayesLinear(0, 0.1, 1000, 1)), built with torchbnn and copied into bnn_fast through state_dict.
+
+  a. Prediction on 300 points of linspace(-2, 2) from 10,000 weight samples:
+     bnn_fast.predictive.predictive (default chunking, then chunk_size 10, 50 and 200) against the
+     article's loop with torchbnn, one forward pass per sample followed by the mean and the
+     (population) std over samples; also that loop under torch.no_grad, which the article does
+     not use. A sanity table checks that bnn_fast's mean and std agree with the loop's within
+     Monte Carlo error. Targets: bnn_fast >= 5x faster than the article's loop on the CPU,
+     >= 100x on a GPU.
+  b. The article's training: 2000 steps of Adam (lr 0.01) on MSE + 0.01 * BKLLoss over the
+     example's 500 points, bnn_fast against torchbnn from the same initial parameters.
+     Target: bnn_fast >= 2x faster on the CPU.
+  c. Scaling: bnn_fast predictive's time and peak memory at 10^3, 10^4 and 10^5 samples, plotted
+     to results/predictive_<device>.png; past one chunk, memory should stay flat.
+
+--quick: 1,000 samples instead of 10,000 in (a), 500 training steps in (b), no 10^5 in (c).
+"""
+import copy
+import gc
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: only a PNG is written
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torchbnn  # noqa: E402
+
+import bnn_fast  # noqa: E402
+from bnn_fast.examples.regression import make_data  # noqa: E402
+from bnn_fast.predictive import predictive  # noqa: E402
+from benchmarks import harness  # noqa: E402
+
+PRIOR_MU, PRIOR_SIGMA, HIDDEN = 0.0, 0.1, 1000
+TEST_POINTS, TRAIN_POINTS = 300, 500
+ARTICLE_SAMPLES, QUICK_SAMPLES = 10_000, 1_000
+SCALING_SAMPLES, QUICK_SCALING_SAMPLES = (10**3, 10**4, 10**5), (10**3, 10**4)
+CHUNK_SIZES = (10, 50, 200)
+TRAIN_STEPS, QUICK_TRAIN_STEPS = 2000, 500
+LR, KL_WEIGHT = 0.01, 0.01
+TAIL_STEPS = 100  # the training sanity value is the mean cost over the last TAIL_STEPS steps
+PREDICT_TARGETS = {"cpu": 5.0, "cuda": 100.0}  # bnn_fast speedup vs the article's loop
+TRAIN_TARGETS = {"cpu": 2.0}  # no training target was set for the GPU
+# Every case here takes from a fraction of a second to a minute: 3 s of timed runs give the
+# sub-second cases a median of several calls; a case of a second or more gets one timed call
+# (after blocked_autorange's untimed first call).
+MIN_RUN_TIME = 3.0
+
+
+def build(lib) -> nn.Sequential:
+    return nn.Sequential(
+        lib.BayesLinear(PRIOR_MU, PRIOR_SIGMA, 1, HIDDEN),
+        nn.ReLU(),
+        lib.BayesLinear(PRIOR_MU, PRIOR_SIGMA, HIDDEN, 1),
+    )
+
+
+def make_models(device):
+    """torchbnn and bnn_fast models with identical (freshly initialized) parameters. Training
+    changes the values, not the work a forward pass does, so prediction is timed untrained."""
+    torch.manual_seed(0)
+    tb_model = build(torchbnn)
+    bf_model = build(bnn_fast)
+    bf_model.load_state_dict(tb_model.state_dict())
+    return tb_model.to(device), bf_model.to(device)
+
+
+def article_loop(model, x, n_samples):
+    """The article's prediction, `np.array([model(x_test).data.numpy() for k in range(10000)])`
+    then the mean and std over samples, in torch ops: the same work on the CPU (.numpy() shares
+    the tensor's memory), and on a GPU it stays on the device instead of copying each sample to
+    the host, the faster baseline. Grad mode stays on, as in the article."""
+    samples = torch.stack([model(x).detach() for _ in range(n_samples)])
+    return samples.mean(0), samples.std(0, correction=0)  # numpy's std: population, ddof=0
+
+
+def article_loop_no_grad(model, x, n_samples):
+    with torch.no_grad():
+        return article_loop(model, x, n_samples)
+
+
+def train(lib, initial, x, y, steps):
+    """The article's training loop on a fresh copy of `initial` (copying ~4,000 parameters costs
+    nothing next to the loop); returns the mean cost of the last TAIL_STEPS steps, a sanity
+    value that both libraries should bring to about the same level."""
+    model = copy.deepcopy(initial)
+    mse_loss = nn.MSELoss()
+    kl_loss = lib.BKLLoss(reduction="mean", last_layer_only=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    tail = []
+    for step in range(steps):
+        cost = mse_loss(model(x), y) + KL_WEIGHT * kl_loss(model)
+        optimizer.zero_grad()
+        cost.backward()
+        optimizer.step()
+        if step >= steps - TAIL_STEPS:
+            tail.append(cost.detach())
+    return torch.stack(tail).mean().item()
+
+
+def recording(results, name, fn):
+    """A statement that keeps its last result, so that the sanity checks reuse the timed calls
+    instead of repeating calls of several seconds."""
+    def stmt():
+        results[name] = fn()
+    return stmt
+
+
+def column(n_samples: int) -> str:
+    return f"S={n_samples:,}"
+
+
+def sanity_predictive(runner, result, loop_mean, loop_std, n_samples):
+    """bnn_fast's predictive mean and std against the article loop's, in units of their Monte
+    Carlo standard errors: the difference of two independent means of S draws has variance
+    (s1^2 + s2^2) / S, and the std of S Gaussian draws has a standard error of about s / sqrt(2S)."""
+    mean, std = result.mean.double(), result.std.double()
+    loop_mean, loop_std = loop_mean.double(), loop_std.double()
+    z_mean = (mean - loop_mean) / ((std**2 + loop_std**2) / n_samples).sqrt()
+    z_std = (std - loop_std) / ((std**2 + loop_std**2) / (2 * n_samples)).sqrt()
+    rows = [
+        ["RMS z-score of the mean difference (~1)", f"{z_mean.pow(2).mean().sqrt().item():.3f}"],
+        ["max |z| of the mean difference", f"{z_mean.abs().max().item():.2f}"],
+        ["RMS z-score of the std difference (~1; Gaussian approximation)", f"{z_std.pow(2).mean().sqrt().item():.3f}"],
+        ["mean std ratio bnn_fast / torchbnn (~1)", f"{(std / loop_std).mean().item():.4f}"],
+    ]
+    runner.add_table(
+        f"Sanity: bnn_fast predictive vs the article's torchbnn loop, {column(n_samples)}, {TEST_POINTS} points",
+        ["check", "value"],
+        rows,
+    )
+
+
+def measure_peak(runner, fn) -> float:
+    """Peak MiB of one call of `fn` (already warmed up by its timing)."""
+    gc.collect()
+    return harness.peak_memory(fn, runner.device) / harness.MIB
+
+
+def plot(runner, label, scaling, peaks, chunk_sizes, article_samples):
+    """Time (log-log) and peak memory (log x) against the number of samples."""
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
+    times = [runner.median(label, "bnn_fast", column(s)) for s in scaling]
+    ax_time.plot(scaling, times, marker="o", label="bnn_fast predictive (default chunks)")
+    ax_time.plot([article_samples], [runner.median(label, "torchbnn", column(article_samples))],
+                 marker="s", linestyle="none", label="torchbnn, the article's loop")
+    ax_time.set(xscale="log", yscale="log", xlabel="samples", ylabel="median time (s)",
+                title=f"Predictive time, 1-{HIDDEN}-1 net, {TEST_POINTS} points ({runner.device.type})")
+    ax_time.legend(fontsize="small")
+    ax_mem.plot(scaling, [peaks[s] for s in scaling], marker="o")
+    for s in scaling:
+        ax_mem.annotate(f"chunk {chunk_sizes[s]}", (s, peaks[s]), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize="small")
+    ax_mem.set(xscale="log", xlabel="samples", ylabel="peak MiB above the start",
+               title=f"bnn_fast predictive peak memory ({runner.device.type})")
+    ax_mem.set_ylim(0, 1.2 * max(peaks.values()))  # room for the labels above the points
+    for ax in (ax_time, ax_mem):
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path = harness.RESULTS_DIR / f"predictive_{runner.device.type}.png"
+    harness.RESULTS_DIR.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    args = harness.parse_args(__doc__, argv)
+    if not harness.device_available(args.device):
+        return
+    runner = harness.Runner("predictive", args, min_run_time=MIN_RUN_TIME)
+    device = runner.device
+    article_samples = QUICK_SAMPLES if args.quick else ARTICLE_SAMPLES
+    scaling = QUICK_SCALING_SAMPLES if args.quick else SCALING_SAMPLES
+    steps = QUICK_TRAIN_STEPS if args.quick else TRAIN_STEPS
+    tb_model, bf_model = make_models(device)
+    x_test = torch.linspace(-2, 2, TEST_POINTS, device=device).unsqueeze(1)
+
+    def bf_predict(n_samples, chunk_size=None):
+        return predictive(bf_model, x_test, n_samples, chunk_size=chunk_size, progress=False)
+
+    # (a) and (c) share one table: every row at the article's sample count (itself a scaling
+    # count, 10^4, or 10^3 with --quick), the default bnn_fast row also at every scaling count.
+    predict_label = f"Predictive, 1-{HIDDEN}-1 net, {TEST_POINTS} points ({device.type})"
+    results = {}
+    cases = [harness.Case(predict_label, "bnn_fast", column(s), recording(results, s, lambda s=s: bf_predict(s)))
+             for s in scaling]
+    for c in CHUNK_SIZES:
+        cases.append(harness.Case(predict_label, f"bnn_fast chunk_size={c}", column(article_samples),
+                                  lambda c=c: bf_predict(article_samples, c)))
+    cases.append(harness.Case(predict_label, "torchbnn", column(article_samples),
+                              recording(results, "torchbnn", lambda: article_loop(tb_model, x_test, article_samples))))
+    cases.append(harness.Case(predict_label, "torchbnn no_grad", column(article_samples),
+                              lambda: article_loop_no_grad(tb_model, x_test, article_samples)))
+    print(f"prediction: {TEST_POINTS} points, samples {scaling}, on {args.device}, {args.threads} threads", flush=True)
+    runner.measure(cases)
+    sanity_predictive(runner, results[article_samples], *results["torchbnn"], article_samples)
+
+    # Peak memory: of the default chunking at each sample count, and of each explicit chunk size.
+    print("peak memory (one more call each, under the profiler on the CPU)", flush=True)
+    peaks = {s: measure_peak(runner, lambda s=s: bf_predict(s)) for s in scaling}
+    chunk_sizes = {s: results[s].chunk_size for s in scaling}
+    runner.add_table(
+        f"bnn_fast predictive: time and peak memory vs samples ({device.type})",
+        ["samples", "chunk size (default)", "median time", "peak MiB above the start"],
+        [[f"{s:,}", chunk_sizes[s], harness.format_time(runner.median(predict_label, "bnn_fast", column(s))),
+          f"{peaks[s]:.1f}"] for s in scaling],
+    )
+    chunk_rows = [[f"{chunk_sizes[article_samples]} (default)",
+                   harness.format_time(runner.median(predict_label, "bnn_fast", column(article_samples))),
+                   f"{peaks[article_samples]:.1f}"]]
+    for c in CHUNK_SIZES:
+        median = runner.median(predict_label, f"bnn_fast chunk_size={c}", column(article_samples))
+        peak = measure_peak(runner, lambda c=c: bf_predict(article_samples, c))
+        chunk_rows.append([c, harness.format_time(median), f"{peak:.1f}"])
+    runner.add_table(f"bnn_fast predictive by chunk size, {column(article_samples)} ({device.type})",
+                     ["chunk size", "median time", "peak MiB above the start"], chunk_rows)
+
+    # (b) The article's training loop.
+    torch.manual_seed(1)
+    x_train, y_train = make_data(TRAIN_POINTS, device)
+    train_label = f"Article training, {TRAIN_POINTS} points ({device.type})"
+    train_column = f"{steps} steps"
+    tails = {}
+    print(f"training: {steps} steps", flush=True)
+    runner.measure([
+        harness.Case(train_label, name, train_column,
+                     recording(tails, name, lambda lib=lib, model=model: train(lib, model, x_train, y_train, steps)))
+        for name, lib, model in (("bnn_fast", bnn_fast, bf_model), ("torchbnn", torchbnn, tb_model))
+    ])
+    runner.add_table(
+        f"Sanity: training cost (MSE + {KL_WEIGHT} KL), mean of the last {TAIL_STEPS} of {steps} steps",
+        ["implementation", "cost"],
+        [[name, f"{tail:.3f}"] for name, tail in tails.items()],
+    )
+
+    target = PREDICT_TARGETS[device.type]
+    speedup = runner.ratio(predict_label, column(article_samples), "torchbnn", "bnn_fast")
+    runner.check(f"predictive speedup vs the article's torchbnn loop, {column(article_samples)}", speedup, ">=", target)
+    if device.type in TRAIN_TARGETS:
+        speedup = runner.ratio(train_label, train_column, "torchbnn", "bnn_fast")
+        runner.check(f"training speedup vs torchbnn, {train_column}", speedup, ">=", TRAIN_TARGETS[device.type])
+
+    plot(runner, predict_label, scaling, peaks, chunk_sizes, article_samples)
+    runner.finish(baseline="torchbnn")
+
+
+if __name__ == "__main__":
+    main()
