@@ -121,16 +121,20 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_cpu(const at::Tensor& x_in,
   return {y, w};
 }
 
-// grad_mu (+)= dW, grad_ls (+)= dW * (W - mu), one pass.
+// grad_mu (+)= dW, grad_ls (+)= dW * (W - mu), one pass. The first sample writes without reading:
+// the outputs are fresh pages, and reading one first would fault it in twice.
 template <typename T>
 void accumulate_weight_grads(const T* dw, const T* w, const T* mu, T* gmu, T* gls, int64_t n,
                              bool first) {
   at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) {
-      const T g = dw[j];
-      const T d = g * (w[j] - mu[j]);
-      gmu[j] = first ? g : gmu[j] + g;
-      gls[j] = first ? d : gls[j] + d;
+    if (first) {
+      if (gmu != dw) std::copy(dw + b, dw + e, gmu + b);  // S == 1 passes dW as grad_mu itself
+      for (int64_t j = b; j < e; ++j) gls[j] = dw[j] * (w[j] - mu[j]);
+    } else {
+      for (int64_t j = b; j < e; ++j) {
+        gmu[j] += dw[j];
+        gls[j] += dw[j] * (w[j] - mu[j]);
+      }
     }
   });
 }
@@ -156,10 +160,16 @@ void accumulate_weight_grads_small_batch(const T* dy, const T* x, const T* w, co
       const T* mo = mu + o * in;
       T* gm = gmu + o * in;
       T* gl = gls + o * in;
-      for (int64_t j = 0; j < in; ++j) {
-        const T d = dw[j] * (wo[j] - mo[j]);
-        gm[j] = first ? dw[j] : gm[j] + dw[j];
-        gl[j] = first ? d : gl[j] + d;
+      if (first) {  // write without reading: see accumulate_weight_grads
+        for (int64_t j = 0; j < in; ++j) {
+          gm[j] = dw[j];
+          gl[j] = dw[j] * (wo[j] - mo[j]);
+        }
+      } else {
+        for (int64_t j = 0; j < in; ++j) {
+          gm[j] += dw[j];
+          gl[j] += dw[j] * (wo[j] - mo[j]);
+        }
       }
     }
   });
