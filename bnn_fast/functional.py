@@ -4,6 +4,7 @@ import functools
 import torch
 
 from . import _ops
+from .modules._common import gaussian_names
 from .modules.batchnorm import BayesBatchNorm2d
 from .modules.conv import BayesConv2d
 from .modules.linear import BayesLinear
@@ -16,13 +17,8 @@ _REDUCTIONS = ("mean", "sum")
 
 def _gaussian_parameters(layer):
     """The (mus, log_sigmas) lists of a Bayesian layer's parameters; empty when it has none."""
-    mus, log_sigmas = [], []
-    for name in ("weight", "bias"):
-        mu = getattr(layer, name + "_mu")
-        if mu is not None:
-            mus.append(mu)
-            log_sigmas.append(getattr(layer, name + "_log_sigma"))
-    return mus, log_sigmas
+    names = gaussian_names(layer)
+    return [getattr(layer, n + "_mu") for n in names], [getattr(layer, n + "_log_sigma") for n in names]
 
 
 def _kernel_dtype(tensors):

@@ -24,6 +24,31 @@ def sample_gaussian(mu, log_sigma, eps):
     return mu + torch.exp(log_sigma) * eps
 
 
+def gaussian_names(layer):
+    """The prefixes ("weight", "bias") of the Gaussian parameters `layer` has, in torchbnn's order."""
+    return [name for name in ("weight", "bias") if getattr(layer, name + "_mu", None) is not None]
+
+
+def reset_uniform(layer, stdv):
+    """torchbnn's (Adv-BNN's) initialization: every mu ~ U(-stdv, stdv), every log_sigma =
+    log(prior_sigma), weight then bias, so that one seed gives both libraries the same parameters."""
+    for name in gaussian_names(layer):
+        getattr(layer, name + "_mu").data.uniform_(-stdv, stdv)
+        getattr(layer, name + "_log_sigma").data.fill_(layer.prior_log_sigma)
+
+
+def freeze_noise(layer):
+    """Draws the fixed noise ``weight_eps``, then ``bias_eps``, as torchbnn's freeze() does."""
+    for name in gaussian_names(layer):
+        setattr(layer, name + "_eps", torch.randn_like(getattr(layer, name + "_log_sigma")))
+
+
+def unfreeze_noise(layer):
+    """Drops the fixed noise: every forward draws new noise again."""
+    for name in gaussian_names(layer):
+        setattr(layer, name + "_eps", None)
+
+
 def new_noise_seed():
     """The seed of one forward pass's noise (see :func:`draw_normal`): a fresh 64-bit seed when
     the compiled kernels are in use, ``None`` on the pure-PyTorch path."""

@@ -6,7 +6,8 @@ from torch.nn import Module, Parameter
 
 from .. import sampling
 from ._common import (
-    BIAS_STREAM, WEIGHT_STREAM, check_input, new_noise_seed, sample_gaussian, sample_noise,
+    BIAS_STREAM, WEIGHT_STREAM, check_input, freeze_noise, new_noise_seed, sample_gaussian,
+    sample_noise, unfreeze_noise,
 )
 
 __all__ = ["BayesBatchNorm2d"]
@@ -123,15 +124,11 @@ class BayesBatchNorm2d(Module):
 
     def freeze(self):
         r"""Fixes the noise (``weight_eps``, then ``bias_eps``) so that forward is deterministic."""
-        if self.affine:
-            self.weight_eps = torch.randn_like(self.weight_log_sigma)
-            self.bias_eps = torch.randn_like(self.bias_log_sigma)
+        freeze_noise(self)
 
     def unfreeze(self):
         r"""Drops the fixed noise: every forward draws new noise again."""
-        if self.affine:
-            self.weight_eps = None
-            self.bias_eps = None
+        unfreeze_noise(self)
 
     def forward(self, input):
         self._check_input(input)

@@ -7,7 +7,8 @@ from torch.nn.modules.utils import _pair
 
 from .. import sampling
 from ._common import (
-    BIAS_STREAM, WEIGHT_STREAM, check_input, new_noise_seed, sample_gaussian, sample_noise,
+    BIAS_STREAM, WEIGHT_STREAM, check_input, freeze_noise, new_noise_seed, reset_uniform,
+    sample_gaussian, sample_noise, unfreeze_noise,
 )
 
 __all__ = ["BayesConv2d"]
@@ -148,24 +149,15 @@ class BayesConv2d(Module):
     def reset_parameters(self):
         # torchbnn's (Adv-BNN's) initialization, fan-in quirks included (groups and
         # kernel_size[1] are ignored), so that one seed gives both libraries the same parameters.
-        stdv = 1.0 / math.sqrt(self.in_channels * self.kernel_size[0] ** 2)
-        self.weight_mu.data.uniform_(-stdv, stdv)
-        self.weight_log_sigma.data.fill_(self.prior_log_sigma)
-        if self.bias:
-            self.bias_mu.data.uniform_(-stdv, stdv)
-            self.bias_log_sigma.data.fill_(self.prior_log_sigma)
+        reset_uniform(self, 1.0 / math.sqrt(self.in_channels * self.kernel_size[0] ** 2))
 
     def freeze(self):
         r"""Fixes the noise (``weight_eps``, then ``bias_eps``) so that forward is deterministic."""
-        self.weight_eps = torch.randn_like(self.weight_log_sigma)
-        if self.bias:
-            self.bias_eps = torch.randn_like(self.bias_log_sigma)
+        freeze_noise(self)
 
     def unfreeze(self):
         r"""Drops the fixed noise: every forward draws new noise again."""
-        self.weight_eps = None
-        if self.bias:
-            self.bias_eps = None
+        unfreeze_noise(self)
 
     def forward(self, input):
         self._check_input(input)

@@ -6,7 +6,8 @@ from torch.nn import Module, Parameter
 
 from .. import _ops, estimators, reference, sampling
 from ._common import (
-    BIAS_STREAM, WEIGHT_STREAM, check_input, new_noise_seed, sample_gaussian, sample_noise,
+    BIAS_STREAM, WEIGHT_STREAM, check_input, freeze_noise, new_noise_seed, reset_uniform,
+    sample_gaussian, sample_noise, unfreeze_noise,
 )
 
 __all__ = ["BayesLinear"]
@@ -134,26 +135,15 @@ class BayesLinear(Module):
         self._estimator = estimators.check_estimator(name, f"{type(self).__name__}: estimator")
 
     def reset_parameters(self):
-        # torchbnn's (Adv-BNN's) initialization, drawn in torchbnn's order so that one seed gives
-        # both libraries the same parameters.
-        stdv = 1.0 / math.sqrt(self.weight_mu.size(1))
-        self.weight_mu.data.uniform_(-stdv, stdv)
-        self.weight_log_sigma.data.fill_(self.prior_log_sigma)
-        if self.bias:
-            self.bias_mu.data.uniform_(-stdv, stdv)
-            self.bias_log_sigma.data.fill_(self.prior_log_sigma)
+        reset_uniform(self, 1.0 / math.sqrt(self.weight_mu.size(1)))
 
     def freeze(self):
         r"""Fixes the noise (``weight_eps``, then ``bias_eps``) so that forward is deterministic."""
-        self.weight_eps = torch.randn_like(self.weight_log_sigma)
-        if self.bias:
-            self.bias_eps = torch.randn_like(self.bias_log_sigma)
+        freeze_noise(self)
 
     def unfreeze(self):
         r"""Drops the fixed noise: every forward draws new noise again."""
-        self.weight_eps = None
-        if self.bias:
-            self.bias_eps = None
+        unfreeze_noise(self)
 
     def forward(self, input):
         self._check_input(input)
