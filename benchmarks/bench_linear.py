@@ -156,11 +156,7 @@ def plot(runner):
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()
-    path = harness.RESULTS_DIR / f"linear_{runner.device.type}.png"
-    harness.RESULTS_DIR.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    harness.save_figure(fig, f"linear_{runner.device.type}")
 
 
 def main(argv=None):

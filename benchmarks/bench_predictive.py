@@ -160,11 +160,7 @@ def plot(runner, label, scaling, peaks, chunk_sizes, article_samples):
     for ax in (ax_time, ax_mem):
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    path = harness.RESULTS_DIR / f"predictive_{runner.device.type}.png"
-    harness.RESULTS_DIR.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    harness.save_figure(fig, f"predictive_{runner.device.type}")
 
 
 def main(argv=None):

@@ -131,6 +131,18 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
+def save_figure(fig, name: str) -> Path:
+    """Saves a matplotlib figure as results/<name>.png, closes it, and returns the path."""
+    import matplotlib.pyplot as plt
+
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
 def _unit(seconds: float) -> tuple[float, str]:
     if seconds >= 1:
         return 1.0, "s"
