@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace bnn_fast {
 
@@ -25,6 +26,14 @@ inline void check_same_shape(const char* op, const char* name, const at::Tensor&
                              const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", name, " must have the shape of ", ref_name,
                     " ", ref.sizes(), ", got ", t.sizes());
+}
+
+// The kernels index raw pointers: a contiguous copy of each tensor that is not already one.
+inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
 }
 
 inline void check_gaussian_kl_args(at::TensorList mu, at::TensorList log_sigma) {

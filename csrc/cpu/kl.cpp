@@ -80,13 +80,6 @@ double kl_sum(const T* mu, const T* ls, int64_t n, const GaussianPrior& p) {
   return kl_sum_scalar(mu, ls, n, p);
 }
 
-std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
 at::Tensor gaussian_kl_cpu(at::TensorList mu_in, at::TensorList log_sigma_in, double prior_mu,
                            double prior_log_sigma) {
   check_gaussian_kl_args(mu_in, log_sigma_in);

@@ -34,12 +34,6 @@ std::pair<at::Tensor, int64_t> make_table(const std::vector<at::Tensor>& mu,
   return {dev, chunks};
 }
 
-std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
 at::Tensor gaussian_kl_cuda(at::TensorList mu_in, at::TensorList ls_in, double prior_mu,
                             double prior_log_sigma) {
   check_gaussian_kl_args(mu_in, ls_in);
