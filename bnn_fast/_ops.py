@@ -16,7 +16,10 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["backend", "BackendInfo", "extension_loaded", "use_kernels", "reference_path", "gaussian_kl", "normal", "bayes_linear", "new_seed"]
+__all__ = [
+    "backend", "BackendInfo", "extension_loaded", "use_kernels", "reference_path", "kernel_dtype",
+    "gaussian_kl", "normal", "bayes_linear", "bayes_linear_local", "bayes_linear_flipout", "new_seed",
+]
 
 _U64 = 1 << 64
 
@@ -100,6 +103,29 @@ def backend() -> BackendInfo:
     else:
         name = "cuda" if cuda_compiled else "cpp"
     return BackendInfo(name, _LOADED, bool(cuda_compiled), cuda_available, _REASON)
+
+
+def kernel_dtype(input: Tensor, weight: Tensor) -> Optional[torch.dtype]:
+    """The dtype a fused Bayesian-linear kernel runs in for `input` and `weight`, or None when
+    the pure-PyTorch path must run (kernels not in use, another device, a dtype they lack).
+
+    Under CUDA autocast the kernel runs in the autocast dtype (float16/bfloat16, float32
+    accumulation); on the CPU it supports float32 and float64, in the parameters' dtype.
+    """
+    device_type = input.device.type
+    if device_type not in ("cpu", "cuda") or not use_kernels():
+        return None
+    if device_type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    if device_type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return None  # CPU autocast means bfloat16/float16 matmuls: leave them to PyTorch
+    if input.dtype != weight.dtype:
+        return None  # let PyTorch raise its usual dtype-mismatch error
+    if weight.dtype not in (torch.float32, torch.float64) and (
+        device_type == "cpu" or weight.dtype not in (torch.float16, torch.bfloat16)
+    ):
+        return None
+    return weight.dtype
 
 
 def _to_i64(v: int) -> int:
@@ -216,6 +242,55 @@ def bayes_linear(
     return y
 
 
+def bayes_linear_local(
+    x: Tensor,
+    weight_mu: Tensor,
+    weight_log_sigma: Tensor,
+    bias_mu: Optional[Tensor],
+    bias_log_sigma: Optional[Tensor],
+    seed: int,
+    n_samples: int = 1,
+) -> Tensor:
+    """Fused local-reparameterization Bayesian linear (the compiled operator).
+
+    ``y = x mu^T + b_mu + sqrt(x^2 (sigma^2)^T + sigma_b^2) * eps`` with sigma = exp(log_sigma)
+    and eps[s, n, o] = normal(seed, stream 2, (s * N + n) * out + o).
+
+    Shape:
+        x: [n_samples or 1, N, in_features]; weight_*: [out_features, in_features];
+        bias_*: [out_features]. Output: [n_samples, N, out_features].
+    """
+    if not _LOADED:
+        raise RuntimeError("bayes_linear_local: the compiled extension is not loaded; " + _REASON)
+    y, _ = torch.ops.bnn_fast.bayes_linear_local(x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, _to_i64(seed), int(n_samples))
+    return y
+
+
+def bayes_linear_flipout(
+    x: Tensor,
+    weight_mu: Tensor,
+    weight_log_sigma: Tensor,
+    bias_mu: Optional[Tensor],
+    bias_log_sigma: Optional[Tensor],
+    seed: int,
+    n_samples: int = 1,
+) -> Tensor:
+    """Fused flipout Bayesian linear (the compiled operator).
+
+    ``y_s = x_s mu^T + ((x_s * s_in) (sigma * eps_s)^T) * s_out + b_mu + sigma_b * eps_b`` with
+    eps_s from stream 0 (index s * out * in + j), eps_b from stream 1 (index s * out + o), and
+    the +-1 signs s_in, s_out the signs of streams 3 and 4 indexed like x_s and y_s.
+
+    Shape:
+        x: [n_samples or 1, N, in_features]; weight_*: [out_features, in_features];
+        bias_*: [out_features]. Output: [n_samples, N, out_features].
+    """
+    if not _LOADED:
+        raise RuntimeError("bayes_linear_flipout: the compiled extension is not loaded; " + _REASON)
+    y, _ = torch.ops.bnn_fast.bayes_linear_flipout(x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, _to_i64(seed), int(n_samples))
+    return y
+
+
 def _no_double_backward(op: str, *tensors: Optional[Tensor]) -> None:
     # The backward kernels are not differentiable: refuse instead of returning a silent zero.
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
@@ -255,17 +330,46 @@ def _register() -> None:
     def _(out, seed, stream, offset):
         return None
 
+    def check_devices(op, x, *params):
+        for name, t in zip(("weight_mu", "weight_log_sigma", "bias_mu", "bias_log_sigma"), params):
+            if t is not None and t.device != x.device:
+                raise ValueError(f"{op}: {name} must be on {x.device} like x, got {t.device}")
+
     @torch.library.register_fake("bnn_fast::bayes_linear")
     def _(x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, seed, n_samples):
-        for name, t in (("weight_mu", weight_mu), ("weight_log_sigma", weight_log_sigma), ("bias_mu", bias_mu), ("bias_log_sigma", bias_log_sigma)):
-            if t is not None and t.device != x.device:
-                raise ValueError(f"bayes_linear: {name} must be on {x.device} like x, got {t.device}")
+        check_devices("bayes_linear", x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma)
         out_f, in_f = weight_mu.shape
         y = x.new_empty((n_samples, x.shape[1], out_f))
         saved = weight_mu.new_empty((n_samples, out_f, in_f)) if x.device.type == "cpu" else weight_mu.new_empty((0,))
         return y, saved
 
-    @torch.library.register_fake("bnn_fast::bayes_linear_backward")
+    @torch.library.register_fake("bnn_fast::bayes_linear_local")
+    def _(x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, seed, n_samples):
+        check_devices("bayes_linear_local", x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma)
+        out_f = weight_mu.shape[0]
+        return x.new_empty((n_samples, x.shape[1], out_f)), x.new_empty((x.shape[0], x.shape[1], out_f))
+
+    @torch.library.register_fake("bnn_fast::bayes_linear_flipout")
+    def _(x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, seed, n_samples):
+        check_devices("bayes_linear_flipout", x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma)
+        out_f, in_f = weight_mu.shape
+        y = x.new_empty((n_samples, x.shape[1], out_f))
+        saved = weight_mu.new_empty((n_samples, out_f, in_f)) if x.device.type == "cpu" else weight_mu.new_empty((0,))
+        return y, saved
+
+    for name in ("bayes_linear", "bayes_linear_local", "bayes_linear_flipout"):
+        _register_linear_autograd(name)
+
+
+def _register_linear_autograd(name: str) -> None:
+    """The fake backward and the autograd formula of a fused Bayesian-linear operator `name`.
+
+    Each returns (y, saved) and has a `name`_backward(grad_out, x, weight_mu, weight_log_sigma,
+    bias_log_sigma, saved, seed, n_samples, output_mask) giving the five input gradients.
+    """
+    backward_op = getattr(torch.ops.bnn_fast, name + "_backward")
+
+    @torch.library.register_fake(f"bnn_fast::{name}_backward")
     def _(grad_out, x, weight_mu, weight_log_sigma, bias_log_sigma, saved, seed, n_samples, output_mask):
         def grad_like(t, needed):
             return torch.empty_like(t) if needed and t is not None else weight_mu.new_empty((0,))
@@ -278,24 +382,22 @@ def _register() -> None:
             grad_like(bias_log_sigma, output_mask[4]),
         )
 
-    def linear_setup(ctx, inputs, output):
+    def setup(ctx, inputs, output):
         x, w_mu, w_ls, b_mu, b_ls, seed, n_samples = inputs
         ctx.seed, ctx.n_samples, ctx.has_bias = seed, n_samples, b_mu is not None
-        # The second output (the kept weight sample) never receives a gradient: without this,
-        # autograd would fill a weight-sized zero tensor for it on every backward.
+        # The second output (what the backward needs) never receives a gradient: without this,
+        # autograd would fill a zero tensor of its size on every backward.
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, w_mu, w_ls, b_ls, output[1])
 
-    def linear_backward(ctx, grad_y, grad_saved):
+    def backward(ctx, grad_y, grad_saved):
         x, w_mu, w_ls, b_ls, saved = ctx.saved_tensors
         if grad_y is None:  # not materialized: nothing flowed back into y
             return (None,) * 7
-        _no_double_backward("bayes_linear", grad_y, x, w_mu, w_ls, b_ls)
+        _no_double_backward(name, grad_y, x, w_mu, w_ls, b_ls)
         needs = ctx.needs_input_grad
         mask = [needs[0], needs[1], needs[2], ctx.has_bias and needs[3], ctx.has_bias and needs[4]]
-        gx, gmu, gls, gbmu, gbls = torch.ops.bnn_fast.bayes_linear_backward(
-            grad_y, x, w_mu, w_ls, b_ls, saved, ctx.seed, ctx.n_samples, mask
-        )
+        gx, gmu, gls, gbmu, gbls = backward_op(grad_y, x, w_mu, w_ls, b_ls, saved, ctx.seed, ctx.n_samples, mask)
         if gx.numel() and gx.shape != x.shape:  # x was broadcast over samples
             gx = gx.reshape(x.shape)
         return (
@@ -308,7 +410,7 @@ def _register() -> None:
             None,
         )
 
-    torch.library.register_autograd("bnn_fast::bayes_linear", linear_backward, setup_context=linear_setup)
+    torch.library.register_autograd(f"bnn_fast::{name}", backward, setup_context=setup)
 
 
 if _LOADED:

@@ -14,11 +14,15 @@ in the distribution of each row's output:
   across rows by random signs, ``y = x mu^T + ((x * s_in) (sigma * eps)^T) * s_out + b_mu +
   sigma_b * eps_b``, ``s_in`` and ``s_out`` of +-1 per row.
 
-:func:`local` and :func:`flipout` are PyTorch compositions (autograd comes from PyTorch), not
-fused kernels. Their noise comes from the counter-based RNG under one seed per forward pass, one
-stream per kind of noise (weight 0, bias 1, local output 2, flipout input signs 3, flipout output
-signs 4), or from ``torch.randn`` on the pure-PyTorch path; every noise tensor can also be passed
-in explicitly.
+:func:`local` and :func:`flipout` below are the PyTorch compositions: the pure-PyTorch path of
+the layer and the reference twins of the fused operators ``bnn_fast::bayes_linear_local`` and
+``bnn_fast::bayes_linear_flipout`` (``bnn_fast._ops.bayes_linear_local`` / ``_flipout``), which a
+BayesLinear runs whenever the compiled kernels are in use. Both draw the noise from the
+counter-based RNG under one seed per forward pass, one stream per kind of noise (weight 0, bias
+1, local output 2, flipout input signs 3, flipout output signs 4): given the same seed, the
+composition and the operator compute the same thing up to rounding. On the pure-PyTorch path the
+composition draws with ``torch.randn`` instead; every noise tensor can also be passed in
+explicitly.
 """
 from __future__ import annotations
 

@@ -58,8 +58,8 @@ inline void check_gaussian_kl_args(at::TensorList mu, at::TensorList log_sigma) 
 inline void check_bayes_linear_args(const at::Tensor& x, const at::Tensor& w_mu,
                                     const at::Tensor& w_ls,
                                     const std::optional<at::Tensor>& b_mu,
-                                    const std::optional<at::Tensor>& b_ls, int64_t n_samples) {
-  const char* op = "bayes_linear";
+                                    const std::optional<at::Tensor>& b_ls, int64_t n_samples,
+                                    const char* op = "bayes_linear") {
   TORCH_CHECK_VALUE(n_samples >= 1, op, ": n_samples must be >= 1, got ", n_samples);
   TORCH_CHECK_VALUE(w_mu.dim() == 2, op, ": weight_mu must be 2-D [out_features, in_features], got ",
                     w_mu.sizes());

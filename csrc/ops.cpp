@@ -42,4 +42,29 @@ TORCH_LIBRARY(bnn_fast, m) {
       "bayes_linear_backward(Tensor grad_out, Tensor x, Tensor weight_mu, Tensor weight_log_sigma, "
       "Tensor? bias_log_sigma, Tensor saved, int seed, int n_samples, bool[5] output_mask) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // The "local" estimator (local reparameterization): y = x mu^T + b_mu +
+  // sqrt(x^2 (sigma^2)^T + sigma_b^2) * eps, one normal per output element (stream 2, index
+  // (s * N + n) * out + o). Returns (y [S, N, out], var [S or 1, N, out]), var kept for the
+  // backward.
+  m.def(
+      "bayes_linear_local(Tensor x, Tensor weight_mu, Tensor weight_log_sigma, Tensor? bias_mu, "
+      "Tensor? bias_log_sigma, int seed, int n_samples) -> (Tensor, Tensor)");
+  m.def(
+      "bayes_linear_local_backward(Tensor grad_out, Tensor x, Tensor weight_mu, "
+      "Tensor weight_log_sigma, Tensor? bias_log_sigma, Tensor var, int seed, int n_samples, "
+      "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // The "flipout" estimator: y_s = x_s mu^T + ((x_s * s_in) (sigma * eps_s)^T) * s_out + b_mu +
+  // sigma_b * eps_b, eps_s of stream 0 (index s * out * in + j), the signs of streams 3 and 4
+  // (the sign of the stream's normal, indexed like x_s and y_s), eps_b of stream 1. Returns
+  // (y [S, N, out], saved): the perturbation sigma * eps [S, out, in] where the backend keeps it
+  // (CPU), else empty (CUDA regenerates it).
+  m.def(
+      "bayes_linear_flipout(Tensor x, Tensor weight_mu, Tensor weight_log_sigma, Tensor? bias_mu, "
+      "Tensor? bias_log_sigma, int seed, int n_samples) -> (Tensor, Tensor)");
+  m.def(
+      "bayes_linear_flipout_backward(Tensor grad_out, Tensor x, Tensor weight_mu, "
+      "Tensor weight_log_sigma, Tensor? bias_log_sigma, Tensor saved, int seed, int n_samples, "
+      "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

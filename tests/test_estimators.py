@@ -120,11 +120,12 @@ def closed_form(layer, x):
 
 
 def which_estimator_ran(layer, x):
-    """The estimator a forward pass of `layer` at `x` runs."""
+    """The estimator a forward pass of `layer` at `x` runs (its fused operator or its PyTorch
+    composition)."""
     ran = []
 
-    def spy(name):
-        original = getattr(estimators, name)
+    def spy(module, attr, name):
+        original = getattr(module, attr)
 
         def recorded(*args, **kwargs):
             ran.append(name)
@@ -134,7 +135,8 @@ def which_estimator_ran(layer, x):
 
     with pytest.MonkeyPatch.context() as patch:
         for name in ("local", "flipout"):
-            patch.setattr(estimators, name, spy(name))
+            patch.setattr(estimators, name, spy(estimators, name, name))
+            patch.setattr(_ops, "bayes_linear_" + name, spy(_ops, "bayes_linear_" + name, name))
         layer(x)
     return ran[0] if ran else "reparam"
 

@@ -13,26 +13,6 @@ from ._common import (
 __all__ = ["BayesLinear"]
 
 
-def _fused_dtype(input, weight):
-    """The dtype the fused kernel runs in, or None when the reference path must run.
-
-    Under CUDA autocast the kernel runs in the autocast dtype (float16/bfloat16, float32
-    accumulation); on the CPU it supports float32 and float64, in the parameters' dtype.
-    """
-    device_type = input.device.type
-    if device_type not in ("cpu", "cuda") or not _ops.use_kernels():
-        return None
-    if device_type == "cuda" and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
-    if device_type == "cpu" and torch.is_autocast_enabled("cpu"):
-        return None  # CPU autocast means bfloat16/float16 matmuls: leave them to F.linear
-    if input.dtype != weight.dtype:
-        return None  # let F.linear raise its usual dtype-mismatch error
-    if device_type == "cpu" and weight.dtype not in (torch.float32, torch.float64):
-        return None
-    return weight.dtype
-
-
 class BayesLinear(Module):
     r"""Applies a Bayesian linear transformation to the incoming data: :math:`y = xW^T + b`,
     with every weight and bias drawn from its own Gaussian on each forward pass.
@@ -89,9 +69,10 @@ class BayesLinear(Module):
     ``torch.randn_like``, so the samples differ from torchbnn's while the distribution is the
     same. Without the extension, or while frozen, the layer computes exactly what torchbnn does.
     Inside :func:`bnn_fast.sampling.sample_many` it draws S weight samples per call (the sample
-    axis folded into the batch, sample-major). The ``"local"`` and ``"flipout"`` estimators are
-    PyTorch compositions over the same counter-based noise (``torch.randn`` on the pure-PyTorch
-    path), not fused kernels.
+    axis folded into the batch, sample-major). The ``"local"`` and ``"flipout"`` estimators run
+    the fused operators ``bnn_fast::bayes_linear_local`` and ``bnn_fast::bayes_linear_flipout``
+    over the same counter-based noise (PyTorch compositions drawing with ``torch.randn`` on the
+    pure-PyTorch path).
     """
 
     # Follows the sampling.sample_many protocol.
@@ -156,9 +137,9 @@ class BayesLinear(Module):
         out_shape = (n_samples,) + tuple(x.shape[1:-1]) + (self.out_features,)
         x_rows = x.reshape(x.shape[0], -1, self.in_features)
         estimator = self._estimator_in_force()
-        dtype = _fused_dtype(input, self.weight_mu) if self.weight_eps is None else None
+        dtype = _ops.kernel_dtype(input, self.weight_mu) if self.weight_eps is None else None
         if estimator != "reparam":
-            y = self._forward_estimator(estimator, x_rows, n_samples)
+            y = self._forward_estimator(estimator, x_rows, n_samples, dtype)
         elif dtype is not None:
             y = self._forward_fused(x_rows, n_samples, dtype)
         elif state is None:
@@ -195,17 +176,23 @@ class BayesLinear(Module):
             return "reparam"
         return estimators.current() or self.estimator
 
-    def _forward_estimator(self, name, x, n_samples):
-        """The "local" or "flipout" estimator: x [1 or S, N, in] -> [S, N, out]."""
+    def _forward_estimator(self, name, x, n_samples, dtype):
+        """The "local" or "flipout" estimator: x [1 or S, N, in] -> [S, N, out]; the fused
+        operator when `dtype` (the kernels' dtype) is given, else the PyTorch composition."""
+        if dtype is not None:
+            op = _ops.bayes_linear_local if name == "local" else _ops.bayes_linear_flipout
+            return op(x.to(dtype), *self._params_in(dtype), _ops.new_seed(), n_samples)
         function = estimators.local if name == "local" else estimators.flipout
         return function(x, self.weight_mu, self.weight_log_sigma, self.bias_mu, self.bias_log_sigma,
                         n_samples=n_samples, seed=new_noise_seed())
 
+    def _params_in(self, dtype):
+        params = [self.weight_mu, self.weight_log_sigma, self.bias_mu, self.bias_log_sigma]
+        return [p if p is None or p.dtype == dtype else p.to(dtype) for p in params]
+
     def _forward_fused(self, x, n_samples, dtype):
         """The compiled operator: x [1 or S, N, in] -> [S, N, out]."""
-        params = [self.weight_mu, self.weight_log_sigma, self.bias_mu, self.bias_log_sigma]
-        params = [p if p is None or p.dtype == dtype else p.to(dtype) for p in params]
-        return _ops.bayes_linear(x.to(dtype), *params, _ops.new_seed(), n_samples)
+        return _ops.bayes_linear(x.to(dtype), *self._params_in(dtype), _ops.new_seed(), n_samples)
 
     def _forward_reference_samples(self, x, n_samples):
         """S weight samples in pure PyTorch (x [1 or S, N, in] -> [S, N, out]); frozen layers

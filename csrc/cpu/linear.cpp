@@ -18,6 +18,7 @@
 #include "checks.h"
 #include "cpu/memory.h"
 #include "cpu/noise.h"
+#include "cpu/sample.h"
 #include "cpu/simd.h"
 #include "gaussian.h"
 
@@ -67,33 +68,38 @@ void combine(const T* mu, const T* ls, const float* eps, T* out, int64_t n) {
   combine_scalar(mu, ls, eps, out, n);
 }
 
-// out[s, j] = mu[j] + exp(log_sigma[j]) * normal(seed, stream, s * numel + j), s < n_samples.
+}  // namespace
+
 at::Tensor sample(const at::Tensor& mu, const at::Tensor& ls, int64_t n_samples, uint64_t seed,
                   uint64_t stream) {
   std::vector<int64_t> shape{n_samples};
-  shape.insert(shape.end(), mu.sizes().begin(), mu.sizes().end());
-  at::Tensor out = at::empty(shape, mu.options());
+  shape.insert(shape.end(), ls.sizes().begin(), ls.sizes().end());
+  at::Tensor out = at::empty(shape, ls.options());
   advise_huge_pages(out);
-  const int64_t numel = mu.numel();
+  const int64_t numel = ls.numel();
   const int64_t total = n_samples * numel;
   if (total == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "bayes_linear_sample_cpu", [&] {
-    const scalar_t* m = mu.const_data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(ls.scalar_type(), "bayes_linear_sample_cpu", [&] {
+    const scalar_t* m = mu.defined() ? mu.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* l = ls.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, total, 1 << 15, [&](int64_t begin, int64_t end) {
       float eps[kTile];
+      // Without mu, the mean is a tile of zeros: 0 + sigma * eps is exactly sigma * eps.
+      std::vector<scalar_t> zeros(m == nullptr ? kTile : 0, scalar_t(0));
       for (int64_t i = begin; i < end;) {
         const int64_t j = i % numel;
         const int64_t len = std::min({kTile - i % kTile, end - i, numel - j});
         fill_normal(eps, len, seed, stream, uint64_t(i));
-        combine(m + j, l + j, eps, o + i, len);
+        combine(m != nullptr ? m + j : zeros.data(), l + j, eps, o + i, len);
         i += len;
       }
     });
   });
   return out;
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> bayes_linear_cpu(const at::Tensor& x_in,
                                                     const at::Tensor& w_mu_in,

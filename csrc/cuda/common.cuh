@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cuda/launchers.h"
+#include "philox.h"
 
 namespace bnn_fast {
 namespace cuda {
@@ -36,6 +37,23 @@ inline unsigned int grid_for(int64_t n, int threads = kThreads) {
   const int64_t blocks = (n + threads - 1) / threads;
   const int64_t cap = int64_t(1) << 20;
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
+}
+
+// z[k] = normal(seed, stream_id, base + k), k < 4: one Philox block when base is aligned, two
+// otherwise.
+__device__ __forceinline__ void normals4(uint64_t seed, uint64_t stream_id, uint64_t base,
+                                         float z[4]) {
+  const uint64_t block = base >> 2;
+  const unsigned shift = unsigned(base & 3);
+  float a[4];
+  box_muller4(philox_block(seed, stream_id, block), a);
+  if (shift == 0) {
+    for (int k = 0; k < 4; ++k) z[k] = a[k];
+    return;
+  }
+  float b[4];
+  box_muller4(philox_block(seed, stream_id, block + 1), b);
+  for (int k = 0; k < 4; ++k) z[k] = (shift + k < 4) ? a[shift + k] : b[shift + k - 4];
 }
 
 // Calls f.template operator()<T>() with T the C++ type of dtype.

@@ -41,7 +41,8 @@ cudaError_t launch_fill_normal(float* out, int64_t n, uint64_t seed, uint64_t st
                                uint64_t offset, cudaStream_t stream);
 
 // ---- bayes_linear ------------------------------------------------------------------------
-// out[s, j] = mu[j] + exp(log_sigma[j]) * normal(seed, stream_id, s * numel + j).
+// out[s, j] = mu[j] + exp(log_sigma[j]) * normal(seed, stream_id, s * numel + j); mu may be null
+// (zero: the perturbation sigma * eps alone).
 cudaError_t launch_sample(DType dtype, const void* mu, const void* log_sigma, void* out,
                           int64_t numel, int64_t n_samples, uint64_t seed, uint64_t stream_id,
                           cudaStream_t stream);
@@ -62,6 +63,32 @@ cudaError_t launch_linear_fused_small_batch(DType dtype, const void* x, const vo
 cudaError_t launch_weight_grads(DType dtype, const void* dw, const void* log_sigma, void* grad_mu,
                                 void* grad_log_sigma, int64_t numel, int64_t n_samples,
                                 uint64_t seed, cudaStream_t stream);
+
+// ---- estimators (see estimators_ops.h) ----------------------------------------------------
+// A tensor of x_samples = 1 holds one sample broadcast to all S; otherwise x_samples = S.
+// `per_sample` is R, the elements of one sample; noise index s * R + r.
+
+// y[s, r] = mean[x(s), r] + sqrt(max(var[x(s), r], tiny)) * normal(seed, 2, s * R + r).
+cudaError_t launch_local_combine(DType dtype, const void* mean, const void* var, void* y,
+                                 int64_t x_samples, int64_t n_samples, int64_t per_sample,
+                                 uint64_t seed, double tiny, cudaStream_t stream);
+
+// gm[x, r] = sum_s g[s, r], gv[x, r] = sum_s local_grad_var(g[s, r], var[x, r], eps), over the
+// samples s of row x in order.
+cudaError_t launch_local_grads(DType dtype, const void* g, const void* var, void* gm, void* gv,
+                               int64_t x_samples, int64_t n_samples, int64_t per_sample,
+                               uint64_t seed, double tiny, cudaStream_t stream);
+
+// dst[s, r] = src[x(s), r] * sign(normal(seed, stream_id, s * R + r)); src may equal dst.
+cudaError_t launch_apply_signs(DType dtype, const void* src, void* dst, int64_t x_samples,
+                               int64_t n_samples, int64_t per_sample, uint64_t seed,
+                               uint64_t stream_id, cudaStream_t stream);
+
+// y[s, n, o] = (mean[x(s), n, o] + y[s, n, o] * sign(normal(seed, 4, s * R + n * out + o)))
+//              + bias[s, o]; bias may be null.
+cudaError_t launch_flipout_combine(DType dtype, const void* mean, void* y, const void* bias,
+                                   int64_t x_samples, int64_t n_samples, int64_t per_sample,
+                                   int64_t out_features, uint64_t seed, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace bnn_fast

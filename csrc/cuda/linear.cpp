@@ -13,18 +13,6 @@ namespace bnn_fast {
 namespace cuda {
 namespace {
 
-at::Tensor sample(const at::Tensor& mu, const at::Tensor& ls, int64_t n_samples, int64_t seed,
-                  uint64_t stream_id) {
-  std::vector<int64_t> shape{n_samples};
-  shape.insert(shape.end(), mu.sizes().begin(), mu.sizes().end());
-  at::Tensor out = at::empty(shape, mu.options());
-  BNN_CUDA_CHECK("bayes_linear", launch_sample(to_dtype(mu.scalar_type(), "bayes_linear", "weight_mu"),
-                                               mu.const_data_ptr(), ls.const_data_ptr(),
-                                               out.mutable_data_ptr(), mu.numel(), n_samples,
-                                               uint64_t(seed), stream_id, current_stream()));
-  return out;
-}
-
 std::tuple<at::Tensor, at::Tensor> bayes_linear_cuda(const at::Tensor& x_in,
                                                      const at::Tensor& w_mu_in,
                                                      const at::Tensor& w_ls_in,
@@ -51,12 +39,11 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_cuda(const at::Tensor& x_in,
                        S, N, in, out, uint64_t(seed), current_stream()));
     return {y, saved};
   }
-  const at::Tensor w = sample(w_mu, w_ls, S, seed, 0);
+  const at::Tensor w = sample(w_mu, w_ls, S, uint64_t(seed), 0, "bayes_linear");
   const at::Tensor xs = x_in.expand({S, N, in});  // batch stride 0 when broadcast: no copy
-  const at::Tensor y = has_bias ? at::baddbmm(sample(b_mu, b_ls, S, seed, 1).unsqueeze(1), xs,
-                                              w.transpose(1, 2))
-                                : at::bmm(xs, w.transpose(1, 2));
-  return {y, saved};
+  if (!has_bias) return {at::bmm(xs, w.transpose(1, 2)), saved};
+  const at::Tensor b = sample(b_mu, b_ls, S, uint64_t(seed), 1, "bayes_linear");
+  return {at::baddbmm(b.unsqueeze(1), xs, w.transpose(1, 2)), saved};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_linear_backward_cuda(
@@ -76,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
   const auto none = [&] { return at::empty({0}, opts); };
   at::Tensor gx = none(), gmu = none(), gls = none(), gbmu = none(), gbls = none();
   if (mask[0]) {
-    const at::Tensor w = sample(w_mu, w_ls, S, seed, 0);  // a temporary, not saved
+    const at::Tensor w = sample(w_mu, w_ls, S, uint64_t(seed), 0, "bayes_linear");  // a temporary, not saved
     gx = x.size(0) == 1
              ? at::mm(dy.transpose(0, 1).reshape({N, S * out}), w.view({S * out, in})).unsqueeze(0)
              : at::bmm(dy, w);

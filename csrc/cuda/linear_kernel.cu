@@ -17,23 +17,6 @@ namespace bnn_fast {
 namespace cuda {
 namespace {
 
-// z[k] = normal(seed, stream_id, base + k), k < 4: one Philox block when base is aligned, two
-// otherwise.
-__device__ __forceinline__ void normals4(uint64_t seed, uint64_t stream_id, uint64_t base,
-                                         float z[4]) {
-  const uint64_t block = base >> 2;
-  const unsigned shift = unsigned(base & 3);
-  float a[4];
-  box_muller4(philox_block(seed, stream_id, block), a);
-  if (shift == 0) {
-    for (int k = 0; k < 4; ++k) z[k] = a[k];
-    return;
-  }
-  float b[4];
-  box_muller4(philox_block(seed, stream_id, block + 1), b);
-  for (int k = 0; k < 4; ++k) z[k] = (shift + k < 4) ? a[shift + k] : b[shift + k - 4];
-}
-
 template <typename T>
 __global__ void sample_kernel(const T* __restrict__ mu, const T* __restrict__ ls, T* __restrict__ out,
                               int64_t numel, int64_t total, uint64_t seed, uint64_t stream_id) {
@@ -47,7 +30,7 @@ __global__ void sample_kernel(const T* __restrict__ mu, const T* __restrict__ ls
       const int64_t i = b * 4 + k;
       if (i < total) {
         const int64_t j = i % numel;
-        out[i] = from_acc<T>(sample_element<A>(to_acc(mu[j]), to_acc(ls[j]), z[k]));
+        out[i] = from_acc<T>(sample_element<A>(mu != nullptr ? to_acc(mu[j]) : A(0), to_acc(ls[j]), z[k]));
       }
     }
   }
