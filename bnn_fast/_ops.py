@@ -238,8 +238,11 @@ def bayes_linear(
     """
     if not _LOADED:
         raise RuntimeError("bayes_linear: the compiled extension is not loaded; " + _REASON)
-    y, _ = torch.ops.bnn_fast.bayes_linear(x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, _to_i64(seed), int(n_samples))
-    return y
+    args = (x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, _to_i64(seed), int(n_samples))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+        return torch.ops.bnn_fast.bayes_linear(*args)[0]
+    # Nothing will differentiate: the forward that need not keep the sampled weight.
+    return torch.ops.bnn_fast.bayes_linear_inference(*args)
 
 
 def bayes_linear_local(
@@ -342,6 +345,11 @@ def _register() -> None:
         y = x.new_empty((n_samples, x.shape[1], out_f))
         saved = weight_mu.new_empty((n_samples, out_f, in_f)) if x.device.type == "cpu" else weight_mu.new_empty((0,))
         return y, saved
+
+    @torch.library.register_fake("bnn_fast::bayes_linear_inference")
+    def _(x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, seed, n_samples):
+        check_devices("bayes_linear_inference", x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma)
+        return x.new_empty((n_samples, x.shape[1], weight_mu.shape[0]))
 
     @torch.library.register_fake("bnn_fast::bayes_linear_local")
     def _(x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, seed, n_samples):

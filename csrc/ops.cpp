@@ -36,6 +36,11 @@ TORCH_LIBRARY(bnn_fast, m) {
   m.def(
       "bayes_linear(Tensor x, Tensor weight_mu, Tensor weight_log_sigma, Tensor? bias_mu, "
       "Tensor? bias_log_sigma, int seed, int n_samples) -> (Tensor, Tensor)");
+  // The same forward without a backward (y only; no autograd formula): where nothing needs the
+  // sampled weight, the CPU samples and multiplies in cache-sized blocks without writing it.
+  m.def(
+      "bayes_linear_inference(Tensor x, Tensor weight_mu, Tensor weight_log_sigma, Tensor? bias_mu, "
+      "Tensor? bias_log_sigma, int seed, int n_samples) -> Tensor");
   // Gradients (x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma); one not asked for in
   // output_mask comes back as an empty tensor.
   m.def(

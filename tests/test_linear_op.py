@@ -38,6 +38,9 @@ CASES = [  # (S, x_samples, N, in, out, bias)
     (3, 1, 4, 17, 5, True),
     (3, 3, 6, 12, 9, True),
     (2, 2, 20, 8, 3, False),
+    (5, 1, 300, 1, 30, True),  # in_features <= 8: the direct loop instead of the GEMM (CPU)
+    (3, 3, 7, 3, 11, True),
+    (1, 1, 3, 1, 4, False),
 ]
 
 
@@ -202,3 +205,70 @@ def test_cuda_low_precision_against_float32(dtype, N):
     eps_b = _ops.normal((1, 64), 4, 1, device="cuda")
     torch_lp = reference.bayes_linear(*(t.to(dtype) for t in (x, mu, ls, bmu, bls, eps_w, eps_b))).float()
     assert (got - want).abs().max() <= 2 * (torch_lp - want).abs().max() + 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# bayes_linear_inference: the forward without a backward (CPU: sampled and multiplied in blocks,
+# the weight never written, for up to 8 input rows)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("S,xs,N,in_f,out_f,bias", CASES + [(2, 1, 8, 1030, 9, True), (2, 2, 3, 5000, 3, False)])
+def test_inference_equals_reference(device, dtype, S, xs, N, in_f, out_f, bias):
+    mu, ls, bmu, bls = make_layer(out_f, in_f, dtype, device, bias)
+    x = torch.randn(xs, N, in_f, dtype=dtype, device=device)
+    got = torch.ops.bnn_fast.bayes_linear_inference(x, mu, ls, bmu, bls, 77, S)
+    torch.testing.assert_close(got, reference_with_kernel_noise(x, mu, ls, bmu, bls, 77, S), **TOL[dtype])
+
+
+def test_wrapper_runs_inference_only_when_nothing_needs_a_gradient(monkeypatch):
+    mu, ls, bmu, bls = make_layer(5, 12, torch.float32, "cpu")
+    x = torch.randn(1, 2, 12)
+    calls = []
+    original = torch.ops.bnn_fast.bayes_linear_inference
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(torch.ops.bnn_fast, "bayes_linear_inference", spy)
+    a = _ops.bayes_linear(x, mu, ls, bmu, bls, 3, 2)
+    assert calls == [1]
+    mu.requires_grad_(True)
+    b = _ops.bayes_linear(x, mu, ls, bmu, bls, 3, 2)
+    assert calls == [1] and b.requires_grad
+    with torch.no_grad():
+        c = _ops.bayes_linear(x, mu, ls, bmu, bls, 3, 2)
+    assert calls == [1, 1]
+    torch.testing.assert_close(a, b.detach(), **TOL[torch.float32])
+    assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("S,xs,N", [(1, 1, 1), (3, 1, 4), (2, 2, 12)])
+def test_inference_opcheck(device, S, xs, N):
+    mu, ls, bmu, bls = make_layer(6, 40, torch.float32, device, seed=3)
+    x = torch.randn(xs, N, 40, device=device)
+    torch.library.opcheck(torch.ops.bnn_fast.bayes_linear_inference.default, (x, mu, ls, bmu, bls, 5, S))
+
+
+def test_inference_thread_count_does_not_change_the_output():
+    mu, ls, bmu, bls = make_layer(70, 300, torch.float32, "cpu")
+    x = torch.randn(1, 3, 300)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.bnn_fast.bayes_linear_inference(x, mu, ls, bmu, bls, 8, 3)
+        torch.set_num_threads(max(2, before))
+        many = torch.ops.bnn_fast.bayes_linear_inference(x, mu, ls, bmu, bls, 8, 3)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
+def test_inference_bad_input_names_the_argument():
+    with pytest.raises(ValueError, match=r"bayes_linear: x must have last dim 4 \(in_features\), got 5"):
+        torch.ops.bnn_fast.bayes_linear_inference(torch.randn(1, 2, 5), torch.zeros(3, 4), torch.zeros(3, 4), None, None, 0, 1)
+    with pytest.raises(ValueError, match=r"bayes_linear: x must be 3-D"):
+        torch.ops.bnn_fast.bayes_linear_inference(torch.randn(2, 5), torch.zeros(3, 4), torch.zeros(3, 4), None, None, 0, 1)

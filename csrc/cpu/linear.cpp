@@ -101,6 +101,119 @@ at::Tensor sample(const at::Tensor& mu, const at::Tensor& ls, int64_t n_samples,
 
 namespace {
 
+// ---- inference: sampling and multiplying in cache-sized blocks ----------------------------------
+//
+// Without a backward, W need not exist as a whole: each block of kBlockWeights weights is sampled
+// into an L1 buffer and multiplied with the (few) input rows at once, so the weights are read once
+// (mu and log_sigma) and never written. Each W element is the same as sample() gives (the same
+// noise and the same elementwise combine). Past kFusedMaxRows input rows the dot products lose to
+// the GEMM, and the forward samples W into a temporary instead.
+constexpr int64_t kBlockWeights = 4096;  // 16 KiB of float32 weights per block
+constexpr int64_t kFusedMaxRows = 8;
+
+template <typename T>
+T dot_scalar(const T* a, const T* b, int64_t n) {
+  T acc = T(0);
+  for (int64_t k = 0; k < n; ++k) acc += a[k] * b[k];
+  return acc;
+}
+
+#if BNN_HAVE_X86_SIMD
+BNN_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), acc1);
+  }
+  for (; k + 8 <= n; k += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
+  const __m256 acc = _mm256_add_ps(acc0, acc1);
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  float sum = _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+  for (; k < n; ++k) sum += a[k] * b[k];
+  return sum;
+}
+#endif
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+#if BNN_HAVE_X86_SIMD
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx2()) return dot_avx2(a, b, n);
+  }
+#endif
+  return dot_scalar(a, b, n);
+}
+
+// y[s, n, o] = W_s[o, :] . x[xs, n, :] + b[s, o], W_s sampled block by block (rows o0..o1 of
+// sample s per task); b: the sampled bias [S, out] or null.
+template <typename T>
+void linear_fused_small_batch(const T* x, const T* mu, const T* ls, const T* b, T* y, int64_t S,
+                              int64_t X, int64_t N, int64_t in, int64_t out, uint64_t seed) {
+  const int64_t rows_per_block = std::max<int64_t>(1, kBlockWeights / std::max<int64_t>(in, 1));
+  const int64_t blocks_per_sample = (out + rows_per_block - 1) / rows_per_block;
+  at::parallel_for(0, S * blocks_per_sample, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> w(rows_per_block * in);
+    float eps[kTile];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / blocks_per_sample;
+      const int64_t o0 = (task % blocks_per_sample) * rows_per_block;
+      const int64_t o1 = std::min(out, o0 + rows_per_block);
+      const int64_t j0 = o0 * in, len = (o1 - o0) * in;
+      const uint64_t base = uint64_t(s) * uint64_t(out * in) + uint64_t(j0);
+      for (int64_t k = 0; k < len;) {  // tiles aligned like sample()'s, for the same noise calls
+        const int64_t step = std::min(kTile - int64_t((base + k) % kTile), len - k);
+        fill_normal(eps, step, seed, 0, base + uint64_t(k));
+        combine(mu + j0 + k, ls + j0 + k, eps, w.data() + k, step);
+        k += step;
+      }
+      const T* xs = x + (X == 1 ? 0 : s) * N * in;
+      for (int64_t o = o0; o < o1; ++o) {
+        const T* wo = w.data() + (o - o0) * in;
+        const T bias = b != nullptr ? b[s * out + o] : T(0);
+        for (int64_t n = 0; n < N; ++n) y[(s * N + n) * out + o] = dot(wo, xs + n * in, in) + bias;
+      }
+    }
+  });
+}
+
+// A GEMM with a short K (in_features) is bound by writing y: with a bias, the GEMM path writes
+// y twice (the broadcast bias, then beta = 1) and reads it once. This loop writes it once.
+// Measured on the seed article's first layer (in 1, out 1000, 300 rows, 20 samples): see
+// benchmarks/bench_predictive.py.
+constexpr int64_t kDirectMaxIn = 8;
+
+// y[s, n, o] = b[s, o] + sum_k x[xs, n, k] W[s, o, k], k in order; b may be null.
+template <typename T>
+void linear_small_in(const T* x, const T* w, const T* b, T* y, int64_t S, int64_t X, int64_t N,
+                     int64_t in, int64_t out) {
+  at::parallel_for(0, S * N, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(out, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t s = row / N, n = row % N;
+      const T* xr = x + ((X == 1 ? 0 : s) * N + n) * in;
+      const T* ws = w + s * out * in;
+      const T* bs = b != nullptr ? b + s * out : nullptr;
+      T* yr = y + row * out;
+      if (in == 1) {  // the common case (a scalar input feature): a vectorizable axpy
+        const T x0 = xr[0];
+        if (bs != nullptr) {
+          for (int64_t o = 0; o < out; ++o) yr[o] = bs[o] + x0 * ws[o];
+        } else {
+          for (int64_t o = 0; o < out; ++o) yr[o] = x0 * ws[o];
+        }
+        continue;
+      }
+      for (int64_t o = 0; o < out; ++o) {
+        T acc = bs != nullptr ? bs[o] : T(0);
+        for (int64_t k = 0; k < in; ++k) acc += xr[k] * ws[o * in + k];
+        yr[o] = acc;
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> bayes_linear_cpu(const at::Tensor& x_in,
                                                     const at::Tensor& w_mu_in,
                                                     const at::Tensor& w_ls_in,
@@ -118,7 +231,16 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_cpu(const at::Tensor& x_in,
   const at::Tensor xs = x_in.expand({S, N, in});
   at::Tensor y = at::empty({S, N, out}, x_in.options());
   advise_huge_pages(y);
-  if (b_mu.has_value()) {
+  if (in <= kDirectMaxIn) {
+    const at::Tensor x = x_in.contiguous();
+    const at::Tensor b = b_mu.has_value() ? sample(b_mu->contiguous(), b_ls->contiguous(), S, seed, 1)
+                                          : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_cpu", [&] {
+      linear_small_in(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                      b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                      y.mutable_data_ptr<scalar_t>(), S, x.size(0), N, in, out);
+    });
+  } else if (b_mu.has_value()) {
     y.copy_(sample(b_mu->contiguous(), b_ls->contiguous(), S, seed, 1).unsqueeze(1).expand({S, N, out}));
     y.baddbmm_(xs, w.transpose(1, 2));
   } else {
@@ -126,6 +248,36 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_cpu(const at::Tensor& x_in,
   }
   return {y, w};
 }
+
+// The forward without a backward: y only (see linear_fused_small_batch).
+at::Tensor bayes_linear_inference_cpu(const at::Tensor& x_in, const at::Tensor& w_mu_in,
+                                      const at::Tensor& w_ls_in,
+                                      const std::optional<at::Tensor>& b_mu,
+                                      const std::optional<at::Tensor>& b_ls, int64_t seed,
+                                      int64_t n_samples) {
+  const int64_t N = x_in.dim() == 3 ? x_in.size(1) : 0;
+  if (N < 1 || N > kFusedMaxRows || x_in.size(2) <= kDirectMaxIn) {
+    return std::get<0>(bayes_linear_cpu(x_in, w_mu_in, w_ls_in, b_mu, b_ls, seed, n_samples));
+  }
+  check_bayes_linear_args(x_in, w_mu_in, w_ls_in, b_mu, b_ls, n_samples);
+  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+                   "bayes_linear: x must be float32 or float64 on the CPU, got ",
+                   x_in.scalar_type());
+  const int64_t S = n_samples, in = w_mu_in.size(1), out = w_mu_in.size(0);
+  const at::Tensor x = x_in.contiguous(), mu = w_mu_in.contiguous(), ls = w_ls_in.contiguous();
+  const at::Tensor b = b_mu.has_value() ? sample(b_mu->contiguous(), b_ls->contiguous(), S, seed, 1)
+                                        : at::Tensor();
+  at::Tensor y = at::empty({S, N, out}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_inference_cpu", [&] {
+    linear_fused_small_batch(x.const_data_ptr<scalar_t>(), mu.const_data_ptr<scalar_t>(),
+                             ls.const_data_ptr<scalar_t>(),
+                             b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                             y.mutable_data_ptr<scalar_t>(), S, x.size(0), N, in, out,
+                             uint64_t(seed));
+  });
+  return y;
+}
+
 
 // grad_mu (+)= dW, grad_ls (+)= dW * (W - mu), one pass. The first sample writes without reading:
 // the outputs are fresh pages, and reading one first would fault it in twice.
@@ -249,6 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
 
 TORCH_LIBRARY_IMPL(bnn_fast, CPU, m) {
   m.impl("bayes_linear", &bayes_linear_cpu);
+  m.impl("bayes_linear_inference", &bayes_linear_inference_cpu);
   m.impl("bayes_linear_backward", &bayes_linear_backward_cpu);
 }
 

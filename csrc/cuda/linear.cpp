@@ -95,6 +95,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
 
 TORCH_LIBRARY_IMPL(bnn_fast, CUDA, m) {
   m.impl("bayes_linear", &bayes_linear_cuda);
+  m.impl("bayes_linear_inference",
+         [](const at::Tensor& x, const at::Tensor& w_mu, const at::Tensor& w_ls,
+            const std::optional<at::Tensor>& b_mu, const std::optional<at::Tensor>& b_ls,
+            int64_t seed, int64_t n_samples) {
+           // The forward saves nothing weight-sized on CUDA already.
+           return std::get<0>(bayes_linear_cuda(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples));
+         });
   m.impl("bayes_linear_backward", &bayes_linear_backward_cuda);
 }
 
