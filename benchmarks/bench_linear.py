@@ -5,7 +5,9 @@ state_dict), bayesian-torch's LinearReparameterization and LinearFlipout, blitz'
 and torch.nn.Linear as the deterministic floor. Shapes (in x out, batch): 1024x1024 at batch 1, 32
 and 256; 4096x4096 at batch 1 and 64.
 
-Also: the allocator peak of one training step of the 4096x4096 layer at batch 64 (bnn_fast,
+Also: on the CPU, where the forward without a backward switches from sampling and multiplying in
+cache-sized blocks (the weight never written) to sampling the weight whole and calling the GEMM
+(BNN_FAST_CPU_FUSED_MAX_ROWS forces either path at every batch size); the allocator peak of one training step of the 4096x4096 layer at batch 64 (bnn_fast,
 torchbnn, nn.Linear), sanity checks of bnn_fast's outputs against torchbnn's, a log-log plot of
 time against batch size (results/linear_<device>.png), and the issue's targets: >= 5x faster than
 torchbnn at batch 1 and 32 and >= 1.5x at batch 256 (forward+backward, 1024x1024), and forward
@@ -13,6 +15,7 @@ alone at batch 1 within 3x of nn.Linear.
 """
 import functools
 import gc
+import os
 
 import matplotlib
 
@@ -138,6 +141,42 @@ def sanity(runner, layers, device):
     runner.add_table(f"Sanity: bnn_fast vs torchbnn, {tb.in_features}x{tb.out_features}, batch 8, eval mode", ["check", "value"], rows)
 
 
+CROSSOVER_BATCHES = (1, 2, 4, 8, 16, 32)
+CROSSOVER_SIZES = (1024, 4096)
+
+
+def crossover(runner):
+    """CPU forward without grad: the blocked fused path against sample-W-then-GEMM, by batch."""
+    label = "CPU forward (no_grad): blocked sample-and-multiply vs sample W then GEMM"
+    paths = {"blocked (W never written)": "1000000", "sample W, then GEMM": "0"}
+    before = os.environ.get("BNN_FAST_CPU_FUSED_MAX_ROWS")
+    try:
+        for features in CROSSOVER_SIZES:
+            g = torch.Generator().manual_seed(0)
+            mu = torch.randn(features, features, generator=g) * 0.03
+            ls = torch.full((features, features), -3.0)
+            bmu, bls = torch.zeros(features), torch.full((features,), -3.0)
+            for batch in CROSSOVER_BATCHES:
+                x = torch.randn(1, batch, features, generator=g)
+                for name, rows in paths.items():
+                    def step(rows=rows, x=x, mu=mu, ls=ls, bmu=bmu, bls=bls):
+                        os.environ["BNN_FAST_CPU_FUSED_MAX_ROWS"] = rows
+                        return torch.ops.bnn_fast.bayes_linear_inference(x, mu, ls, bmu, bls, 5, 1)
+                    runner.measure([harness.Case(label, name, column(features, batch), step)])
+    finally:
+        if before is None:
+            os.environ.pop("BNN_FAST_CPU_FUSED_MAX_ROWS", None)
+        else:
+            os.environ["BNN_FAST_CPU_FUSED_MAX_ROWS"] = before
+    runner.add_table(
+        "CPU forward (no_grad): sample-W-then-GEMM time / blocked time (> 1: blocked is faster; "
+        "the default switches at 8 rows)",
+        ["layer"] + [f"b={b}" for b in CROSSOVER_BATCHES],
+        [[f"{f}x{f}"] + [f"{runner.ratio(label, column(f, b), 'sample W, then GEMM', 'blocked (W never written)'):.2f}x"
+                         for b in CROSSOVER_BATCHES] for f in CROSSOVER_SIZES],
+    )
+
+
 def plot(runner):
     """Time against batch size, log-log, one panel per mode and layer size."""
     sizes = sorted({f for f, _ in CONFIGS})
@@ -200,6 +239,8 @@ def main(argv=None):
         runner.check(f"forward (no_grad) time / nn.Linear time, {column(features, 1)}", slowdown, "<=", FORWARD_VS_LINEAR_TARGET)
 
     plot(runner)
+    if device.type == "cpu" and bnn_fast.backend().cpp:
+        crossover(runner)
     runner.finish(baseline="torchbnn")
 
 

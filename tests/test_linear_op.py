@@ -272,3 +272,13 @@ def test_inference_bad_input_names_the_argument():
         torch.ops.bnn_fast.bayes_linear_inference(torch.randn(1, 2, 5), torch.zeros(3, 4), torch.zeros(3, 4), None, None, 0, 1)
     with pytest.raises(ValueError, match=r"bayes_linear: x must be 3-D"):
         torch.ops.bnn_fast.bayes_linear_inference(torch.randn(2, 5), torch.zeros(3, 4), torch.zeros(3, 4), None, None, 0, 1)
+
+
+@pytest.mark.parametrize("max_rows", ["0", "1000"])
+def test_inference_both_cpu_paths_equal_reference(monkeypatch, max_rows):
+    # BNN_FAST_CPU_FUSED_MAX_ROWS forces the blocked path (1000) or the sample-then-GEMM path (0).
+    monkeypatch.setenv("BNN_FAST_CPU_FUSED_MAX_ROWS", max_rows)
+    mu, ls, bmu, bls = make_layer(19, 300, torch.float32, "cpu")
+    x = torch.randn(2, 12, 300)
+    got = torch.ops.bnn_fast.bayes_linear_inference(x, mu, ls, bmu, bls, 21, 2)
+    torch.testing.assert_close(got, reference_with_kernel_noise(x, mu, ls, bmu, bls, 21, 2), **TOL[torch.float32])

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <vector>
 
 #include "checks.h"
@@ -110,6 +111,13 @@ namespace {
 // the GEMM, and the forward samples W into a temporary instead.
 constexpr int64_t kBlockWeights = 4096;  // 16 KiB of float32 weights per block
 constexpr int64_t kFusedMaxRows = 8;
+
+// kFusedMaxRows, or BNN_FAST_CPU_FUSED_MAX_ROWS when set (read on every call, so the benchmark
+// can measure both paths at every batch size: benchmarks/bench_linear.py).
+inline int64_t fused_max_rows() {
+  const char* env = std::getenv("BNN_FAST_CPU_FUSED_MAX_ROWS");
+  return env != nullptr && *env != '\0' ? std::strtoll(env, nullptr, 10) : kFusedMaxRows;
+}
 
 template <typename T>
 T dot_scalar(const T* a, const T* b, int64_t n) {
@@ -256,7 +264,7 @@ at::Tensor bayes_linear_inference_cpu(const at::Tensor& x_in, const at::Tensor& 
                                       const std::optional<at::Tensor>& b_ls, int64_t seed,
                                       int64_t n_samples) {
   const int64_t N = x_in.dim() == 3 ? x_in.size(1) : 0;
-  if (N < 1 || N > kFusedMaxRows || x_in.size(2) <= kDirectMaxIn) {
+  if (N < 1 || N > fused_max_rows() || x_in.size(2) <= kDirectMaxIn) {
     return std::get<0>(bayes_linear_cpu(x_in, w_mu_in, w_ls_in, b_mu, b_ls, seed, n_samples));
   }
   check_bayes_linear_args(x_in, w_mu_in, w_ls_in, b_mu, b_ls, n_samples);
