@@ -219,7 +219,9 @@ def test_inference_equals_reference(device, dtype, S, xs, N, in_f, out_f, bias):
     mu, ls, bmu, bls = make_layer(out_f, in_f, dtype, device, bias)
     x = torch.randn(xs, N, in_f, dtype=dtype, device=device)
     got = torch.ops.bnn_fast.bayes_linear_inference(x, mu, ls, bmu, bls, 77, S)
-    torch.testing.assert_close(got, reference_with_kernel_noise(x, mu, ls, bmu, bls, 77, S), **TOL[dtype])
+    # Dot products of thousands of float32 terms summed in another order than the GEMM's.
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 and in_f > 1000 else TOL[dtype]
+    torch.testing.assert_close(got, reference_with_kernel_noise(x, mu, ls, bmu, bls, 77, S), **tol)
 
 
 def test_wrapper_runs_inference_only_when_nothing_needs_a_gradient(monkeypatch):

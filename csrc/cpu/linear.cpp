@@ -155,14 +155,18 @@ T dot(const T* a, const T* b, int64_t n) {
 }
 
 // y[s, n, o] = W_s[o, :] . x[xs, n, :] + b[s, o], W_s sampled block by block (rows o0..o1 of
-// sample s per task); b: the sampled bias [S, out] or null.
+// sample s per task); b: the sampled bias [S, out] or null. With w_out null the block lives in an
+// L1 buffer and W is never written (inference); otherwise it is written to w_out [S, out, in]
+// (training keeps it for the backward) and multiplied while still in L1, saving the GEMM's
+// re-read of W.
 template <typename T>
-void linear_fused_small_batch(const T* x, const T* mu, const T* ls, const T* b, T* y, int64_t S,
-                              int64_t X, int64_t N, int64_t in, int64_t out, uint64_t seed) {
+void linear_fused_small_batch(const T* x, const T* mu, const T* ls, const T* b, T* y, T* w_out,
+                              int64_t S, int64_t X, int64_t N, int64_t in, int64_t out,
+                              uint64_t seed) {
   const int64_t rows_per_block = std::max<int64_t>(1, kBlockWeights / std::max<int64_t>(in, 1));
   const int64_t blocks_per_sample = (out + rows_per_block - 1) / rows_per_block;
   at::parallel_for(0, S * blocks_per_sample, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> w(rows_per_block * in);
+    std::vector<T> buffer(w_out == nullptr ? rows_per_block * in : 0);
     float eps[kTile];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / blocks_per_sample;
@@ -170,15 +174,16 @@ void linear_fused_small_batch(const T* x, const T* mu, const T* ls, const T* b, 
       const int64_t o1 = std::min(out, o0 + rows_per_block);
       const int64_t j0 = o0 * in, len = (o1 - o0) * in;
       const uint64_t base = uint64_t(s) * uint64_t(out * in) + uint64_t(j0);
+      T* w = w_out != nullptr ? w_out + int64_t(base) : buffer.data();
       for (int64_t k = 0; k < len;) {  // tiles aligned like sample()'s, for the same noise calls
         const int64_t step = std::min(kTile - int64_t((base + k) % kTile), len - k);
         fill_normal(eps, step, seed, 0, base + uint64_t(k));
-        combine(mu + j0 + k, ls + j0 + k, eps, w.data() + k, step);
+        combine(mu + j0 + k, ls + j0 + k, eps, w + k, step);
         k += step;
       }
       const T* xs = x + (X == 1 ? 0 : s) * N * in;
       for (int64_t o = o0; o < o1; ++o) {
-        const T* wo = w.data() + (o - o0) * in;
+        const T* wo = w + (o - o0) * in;
         const T bias = b != nullptr ? b[s * out + o] : T(0);
         for (int64_t n = 0; n < N; ++n) y[(s * N + n) * out + o] = dot(wo, xs + n * in, in) + bias;
       }
@@ -233,6 +238,23 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_cpu(const at::Tensor& x_in,
                    "bayes_linear: x must be float32 or float64 on the CPU, got ",
                    x_in.scalar_type());
   const int64_t S = n_samples, N = x_in.size(1), in = w_mu_in.size(1), out = w_mu_in.size(0);
+  if (N >= 1 && N <= fused_max_rows() && in > kDirectMaxIn) {
+    // Small batch: W is written once (kept for the backward) and multiplied while in L1.
+    const at::Tensor x = x_in.contiguous(), mu = w_mu_in.contiguous(), ls = w_ls_in.contiguous();
+    const at::Tensor b = b_mu.has_value() ? sample(b_mu->contiguous(), b_ls->contiguous(), S, seed, 1)
+                                          : at::Tensor();
+    at::Tensor w = at::empty({S, out, in}, mu.options());
+    advise_huge_pages(w);
+    at::Tensor y = at::empty({S, N, out}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_cpu", [&] {
+      linear_fused_small_batch(x.const_data_ptr<scalar_t>(), mu.const_data_ptr<scalar_t>(),
+                               ls.const_data_ptr<scalar_t>(),
+                               b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                               y.mutable_data_ptr<scalar_t>(), w.mutable_data_ptr<scalar_t>(), S,
+                               x.size(0), N, in, out, uint64_t(seed));
+    });
+    return {y, w};
+  }
   const at::Tensor w = sample(w_mu_in.contiguous(), w_ls_in.contiguous(), S, seed, 0);
   // [S, N, out] written in place by one batched GEMM; a broadcast x is an expanded view (batch
   // stride 0), never copied S times.
@@ -280,7 +302,8 @@ at::Tensor bayes_linear_inference_cpu(const at::Tensor& x_in, const at::Tensor& 
     linear_fused_small_batch(x.const_data_ptr<scalar_t>(), mu.const_data_ptr<scalar_t>(),
                              ls.const_data_ptr<scalar_t>(),
                              b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                             y.mutable_data_ptr<scalar_t>(), S, x.size(0), N, in, out,
+                             y.mutable_data_ptr<scalar_t>(), static_cast<scalar_t*>(nullptr), S,
+                             x.size(0), N, in, out,
                              uint64_t(seed));
   });
   return y;
@@ -311,36 +334,61 @@ void accumulate_weight_grads(const T* dw, const T* w, const T* mu, T* gmu, T* gl
 // slower.
 constexpr int64_t kSmallBatchRows = 4;
 
+// The same pass also forms grad_x = dy W while each W row is in L1 (gx non-null: [N, in], written
+// when first_gx, else accumulated), instead of a GEMM that reads W once more. The rows are split
+// into one range per thread; each range sums into its own partial grad_x, and the partials are
+// added in range order.
 template <typename T>
 void accumulate_weight_grads_small_batch(const T* dy, const T* x, const T* w, const T* mu, T* gmu,
-                                         T* gls, int64_t N, int64_t in, int64_t out, bool first) {
-  at::parallel_for(0, out, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(in, 1)),
-                   [&](int64_t b, int64_t e) {
+                                         T* gls, T* gx, int64_t N, int64_t in, int64_t out,
+                                         bool first, bool first_gx) {
+  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), out));
+  std::vector<T> partial(gx != nullptr ? ranges * N * in : 0, T(0));
+  at::parallel_for(0, ranges, 1, [&](int64_t rb, int64_t re) {
     std::vector<T> dw(in);
-    for (int64_t o = b; o < e; ++o) {
-      std::fill(dw.begin(), dw.end(), T(0));
-      for (int64_t n = 0; n < N; ++n) {
-        const T g = dy[n * out + o];
-        const T* xn = x + n * in;
-        for (int64_t j = 0; j < in; ++j) dw[j] += g * xn[j];
-      }
-      const T* wo = w + o * in;
-      const T* mo = mu + o * in;
-      T* gm = gmu + o * in;
-      T* gl = gls + o * in;
-      if (first) {  // write without reading: see accumulate_weight_grads
-        for (int64_t j = 0; j < in; ++j) {
-          gm[j] = dw[j];
-          gl[j] = dw[j] * (wo[j] - mo[j]);
+    for (int64_t range = rb; range < re; ++range) {
+      T* px = gx != nullptr ? partial.data() + range * N * in : nullptr;
+      for (int64_t o = out * range / ranges; o < out * (range + 1) / ranges; ++o) {
+        std::fill(dw.begin(), dw.end(), T(0));
+        for (int64_t n = 0; n < N; ++n) {
+          const T g = dy[n * out + o];
+          const T* xn = x + n * in;
+          for (int64_t j = 0; j < in; ++j) dw[j] += g * xn[j];
         }
-      } else {
-        for (int64_t j = 0; j < in; ++j) {
-          gm[j] += dw[j];
-          gl[j] += dw[j] * (wo[j] - mo[j]);
+        const T* wo = w + o * in;
+        const T* mo = mu + o * in;
+        T* gm = gmu + o * in;
+        T* gl = gls + o * in;
+        if (first) {  // write without reading: see accumulate_weight_grads
+          for (int64_t j = 0; j < in; ++j) {
+            gm[j] = dw[j];
+            gl[j] = dw[j] * (wo[j] - mo[j]);
+          }
+        } else {
+          for (int64_t j = 0; j < in; ++j) {
+            gm[j] += dw[j];
+            gl[j] += dw[j] * (wo[j] - mo[j]);
+          }
+        }
+        if (px != nullptr) {
+          for (int64_t n = 0; n < N; ++n) {
+            const T g = dy[n * out + o];
+            T* pn = px + n * in;
+            for (int64_t j = 0; j < in; ++j) pn[j] += g * wo[j];
+          }
         }
       }
     }
   });
+  if (gx == nullptr) return;
+  for (int64_t range = 0; range < ranges; ++range) {
+    const T* p = partial.data() + range * N * in;
+    if (first_gx && range == 0) {
+      std::copy(p, p + N * in, gx);
+    } else {
+      for (int64_t i = 0; i < N * in; ++i) gx[i] += p[i];
+    }
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_linear_backward_cpu(
@@ -362,21 +410,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
   const auto none = [&] { return at::empty({0}, opts); };
   at::Tensor gx = none(), gmu = none(), gls = none(), gbmu = none(), gbls = none();
 
-  if (mask[0]) {
+  const bool small_batch = (mask[1] || mask[2]) && N >= 1 && N <= kSmallBatchRows;
+  if (mask[0] && !small_batch) {
     gx = x.size(0) == 1
              ? at::mm(dy.transpose(0, 1).reshape({N, S * out}), w.view({S * out, in})).unsqueeze(0)
              : at::bmm(dy, w);
   }
-  if ((mask[1] || mask[2]) && N <= kSmallBatchRows) {
+  if (small_batch) {
     gmu = empty_like_huge(w_mu);
     gls = empty_like_huge(w_mu);
+    if (mask[0]) gx = at::empty(x.sizes(), opts);
     const at::Tensor xc = x.contiguous();
+    const bool broadcast = x.size(0) == 1;
     AT_DISPATCH_FLOATING_TYPES(w_mu.scalar_type(), "bayes_linear_backward_cpu", [&] {
       for (int64_t s = 0; s < S; ++s) {
+        scalar_t* gxs = mask[0] ? gx[broadcast ? 0 : s].mutable_data_ptr<scalar_t>() : nullptr;
         accumulate_weight_grads_small_batch(
-            dy[s].const_data_ptr<scalar_t>(), xc[x.size(0) == 1 ? 0 : s].const_data_ptr<scalar_t>(),
+            dy[s].const_data_ptr<scalar_t>(), xc[broadcast ? 0 : s].const_data_ptr<scalar_t>(),
             w[s].const_data_ptr<scalar_t>(), w_mu.const_data_ptr<scalar_t>(),
-            gmu.mutable_data_ptr<scalar_t>(), gls.mutable_data_ptr<scalar_t>(), N, in, out, s == 0);
+            gmu.mutable_data_ptr<scalar_t>(), gls.mutable_data_ptr<scalar_t>(), gxs, N, in, out,
+            s == 0, !broadcast || s == 0);
       }
     });
   } else if (mask[1] || mask[2]) {
