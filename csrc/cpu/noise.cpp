@@ -1,9 +1,11 @@
 // Counter-based normal noise on the CPU, and the fill_normal_ operator.
 //
 // The AVX2 path runs Philox on 8 block counters per vector (32x32->64 products with
-// _mm256_mul_epu32 on even and odd lanes) and Box-Muller with Sleef's log and sincos: 32 normals
-// per step. Work is done in aligned groups of 32 indices (8 Philox blocks), so whichever way a
-// range is split, each index is computed by the same instructions: bit-identical results.
+// _mm256_mul_epu32 on even and odd lanes) and Box-Muller with the inline log and sincos of
+// cpu/fastmath.h (polynomials for exactly the contract's domains, within 1.5 ulp of libm, checked
+// exhaustively by benchmarks/fastmath_check.cpp): 32 normals per step. Work is done in aligned
+// groups of 32 indices (8 Philox blocks), so whichever way a range is split, each index is
+// computed by the same instructions: bit-identical results.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,6 +13,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu/fastmath.h"
 #include "cpu/noise.h"
 #include "cpu/simd.h"
 #include "philox.h"
@@ -85,10 +88,11 @@ BNN_AVX2 void normal_group_avx2(uint64_t seed, uint64_t stream, uint64_t first_b
     const __m256 u1 = uniform_open01_8(r[2 * pair]);
     const __m256 u2 = uniform_open01_8(r[2 * pair + 1]);
     const __m256 radius =
-        _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), Sleef_logf8_u35avx2(u1)));
-    const BnnSleefFloat8x2 sc = Sleef_sincosf8_u35avx2(_mm256_mul_ps(_mm256_set1_ps(kTwoPi), u2));
-    z[2 * pair] = _mm256_mul_ps(radius, sc.y);
-    z[2 * pair + 1] = _mm256_mul_ps(radius, sc.x);
+        _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), fastmath::log8_open01(u1)));
+    __m256 sin_t, cos_t;
+    fastmath::sincos8(_mm256_mul_ps(_mm256_set1_ps(kTwoPi), u2), &sin_t, &cos_t);
+    z[2 * pair] = _mm256_mul_ps(radius, cos_t);
+    z[2 * pair + 1] = _mm256_mul_ps(radius, sin_t);
   }
   // z[j] lane k is normal 4k + j: transpose the 4 x 8 into 32 consecutive floats.
   const __m256 a = _mm256_unpacklo_ps(z[0], z[1]);

@@ -13,12 +13,7 @@
 #define BNN_AVX2 __attribute__((target("avx2,fma")))
 
 extern "C" {
-struct BnnSleefFloat8x2 {
-  __m256 x, y;  // Sleef___m256_2: x = sin, y = cos
-};
-__m256 Sleef_logf8_u35avx2(__m256);
 __m256 Sleef_expf8_u10avx2(__m256);
-BnnSleefFloat8x2 Sleef_sincosf8_u35avx2(__m256);
 __m256d Sleef_expd4_u10avx2(__m256d);
 }
 #else

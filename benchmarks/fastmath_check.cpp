@@ -1,0 +1,258 @@
+// Exhaustive accuracy check and throughput of csrc/cpu/fastmath.h (no torch needed).
+//
+//   g++ -O2 -mavx2 -mfma -ffp-contract=off -std=c++17 -Icsrc benchmarks/fastmath_check.cpp
+//       -o /tmp/fastmath_check && /tmp/fastmath_check        (one line; from the repository root)
+//
+// With -DWITH_SLEEF (and linked to libtorch_cpu, which exports Sleef) it also checks and times
+// Sleef_logf8_u35avx2 and Sleef_sincosf8_u35avx2, the functions fastmath.h replaced:
+//
+//   TL=$(python -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
+//   g++ -O2 -mavx2 -mfma -ffp-contract=off -std=c++17 -Icsrc -DWITH_SLEEF
+//       benchmarks/fastmath_check.cpp -o /tmp/fastmath_check -L$TL -ltorch_cpu -Wl,-rpath,$TL
+//
+// Accuracy: every float u in [2^-33, 1] for the log (a superset of the values
+// fl32(r 2^-32 + 2^-33) takes), every float x in [0, fl32(2 pi)] for sincos (a superset of
+// fl32(kTwoPi u2)), against double-precision std::log / std::sin / std::cos of the same float.
+// Errors are in ulps of the float32 result (ulp of the exact value's binade) and absolute.
+// Targets: log <= 2 ulp; sin, cos <= 2 ulp where |result| >= 2^-10, absolute <= 2^-30 elsewhere.
+// The program exits 1 if one of ours misses its target.
+//
+// Throughput: ns per element over a 4096-element buffer of contract-distributed inputs (L1
+// resident), ours and Sleef's interleaved, the median of several repetitions. `--bench` skips the
+// accuracy part (which takes about 2 minutes).
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "cpu/fastmath.h"
+
+using bnn_fast::cpu::fastmath::log8_open01;
+using bnn_fast::cpu::fastmath::sincos8;
+
+namespace {
+
+float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+double ulp_of(double y) {  // ulp of a float32 in the binade of y
+  if (y == 0) return std::ldexp(1.0, -149);
+  return std::ldexp(1.0, std::max(std::ilogb(y), -126) - 23);
+}
+
+struct Err {
+  const char* name;
+  double max_ulp = 0, max_ulp_at = 0;          // over |ref| >= big (all inputs for the log)
+  double max_abs = 0, max_abs_at = 0;          // over all inputs
+  double max_abs_small = 0, max_abs_small_at = 0;  // over |ref| < big
+  double max_ulp_all = 0;                      // over all inputs, for information
+  double big;
+  Err(const char* n, double b) : name(n), big(b) {}
+  void add(float got, double ref, float in) {
+    const double abs_err = std::fabs(double(got) - ref);
+    const double u = abs_err / ulp_of(ref);
+    if (!(abs_err <= max_abs)) max_abs = abs_err, max_abs_at = in;  // !(<=) catches NaN
+    if (!(u <= max_ulp_all)) max_ulp_all = u;
+    if (std::fabs(ref) >= big) {
+      if (!(u <= max_ulp)) max_ulp = u, max_ulp_at = in;
+    } else if (!(abs_err <= max_abs_small)) {
+      max_abs_small = abs_err, max_abs_small_at = in;
+    }
+  }
+  void print() const {
+    if (big > 0) {
+      std::printf(
+          "  %-12s max %.3f ulp where |ref| >= 2^%d (at x = %.9g); max abs %.3g = 2^%.1f where "
+          "|ref| < 2^%d (at x = %.9g); max abs overall %.3g (at x = %.9g); max ulp overall %.3f\n",
+          name, max_ulp, std::ilogb(big), max_ulp_at, max_abs_small,
+          max_abs_small > 0 ? std::log2(max_abs_small) : -INFINITY, std::ilogb(big),
+          max_abs_small_at, max_abs, max_abs_at, max_ulp_all);
+    } else {
+      std::printf("  %-12s max %.3f ulp (at u = %.9g); max abs %.3g (at u = %.9g)\n", name, max_ulp,
+                  max_ulp_at, max_abs, max_abs_at);
+    }
+  }
+};
+
+#ifdef WITH_SLEEF
+extern "C" {
+struct SleefFloat8x2 {
+  __m256 x, y;
+};
+__m256 Sleef_logf8_u35avx2(__m256);
+SleefFloat8x2 Sleef_sincosf8_u35avx2(__m256);
+}
+#endif
+
+bool check_log() {
+  const uint32_t lo = float_to_bits(0x1p-33f), hi = float_to_bits(1.0f);
+  Err ours("log (ours)", 0);
+#ifdef WITH_SLEEF
+  Err sleef("log (Sleef)", 0);
+#endif
+  alignas(32) float in[8], out[8];
+  for (uint64_t b = lo; b <= hi; b += 8) {
+    int n = 0;
+    for (; n < 8 && b + n <= hi; ++n) in[n] = bits_to_float(uint32_t(b + n));
+    for (int k = n; k < 8; ++k) in[k] = 0.5f;
+    _mm256_store_ps(out, log8_open01(_mm256_load_ps(in)));
+    double ref[8];
+    for (int k = 0; k < n; ++k) ref[k] = std::log(double(in[k]));
+    for (int k = 0; k < n; ++k) ours.add(out[k], ref[k], in[k]);
+#ifdef WITH_SLEEF
+    _mm256_store_ps(out, Sleef_logf8_u35avx2(_mm256_load_ps(in)));
+    for (int k = 0; k < n; ++k) sleef.add(out[k], ref[k], in[k]);
+#endif
+  }
+  std::printf("log over every float in [2^-33, 1] (%u inputs):\n", hi - lo + 1);
+  ours.print();
+#ifdef WITH_SLEEF
+  sleef.print();
+#endif
+  return ours.max_ulp <= 2.0;
+}
+
+bool check_sincos() {
+  const uint32_t hi = float_to_bits(6.2831853071795864769f);
+  const double big = 0x1p-10;
+  Err s_ours("sin (ours)", big), c_ours("cos (ours)", big);
+#ifdef WITH_SLEEF
+  Err s_sleef("sin (Sleef)", big), c_sleef("cos (Sleef)", big);
+#endif
+  alignas(32) float in[8], so[8], co[8];
+  for (uint64_t b = 0; b <= hi; b += 8) {
+    int n = 0;
+    for (; n < 8 && b + n <= hi; ++n) in[n] = bits_to_float(uint32_t(b + n));
+    for (int k = n; k < 8; ++k) in[k] = 1.0f;
+    __m256 vs, vc;
+    sincos8(_mm256_load_ps(in), &vs, &vc);
+    _mm256_store_ps(so, vs);
+    _mm256_store_ps(co, vc);
+    double rs[8], rc[8];
+    for (int k = 0; k < n; ++k) rs[k] = std::sin(double(in[k])), rc[k] = std::cos(double(in[k]));
+    for (int k = 0; k < n; ++k) s_ours.add(so[k], rs[k], in[k]), c_ours.add(co[k], rc[k], in[k]);
+#ifdef WITH_SLEEF
+    const SleefFloat8x2 sc = Sleef_sincosf8_u35avx2(_mm256_load_ps(in));
+    _mm256_store_ps(so, sc.x);
+    _mm256_store_ps(co, sc.y);
+    for (int k = 0; k < n; ++k) s_sleef.add(so[k], rs[k], in[k]), c_sleef.add(co[k], rc[k], in[k]);
+#endif
+  }
+  std::printf("sincos over every float in [0, fl32(2 pi)] (%u inputs):\n", hi + 1);
+  s_ours.print();
+  c_ours.print();
+#ifdef WITH_SLEEF
+  s_sleef.print();
+  c_sleef.print();
+#endif
+  const double small_limit = 0x1p-30;
+  return s_ours.max_ulp <= 2.0 && c_ours.max_ulp <= 2.0 && s_ours.max_abs_small <= small_limit &&
+         c_ours.max_abs_small <= small_limit;
+}
+
+// ---- throughput ----
+constexpr int kN = 4096;
+
+template <class F>
+double ns_per_element(F&& body, int reps) {
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int r = 0; r < reps; ++r) body();
+  const auto t1 = std::chrono::steady_clock::now();
+  return std::chrono::duration<double, std::nano>(t1 - t0).count() / (double(reps) * kN);
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+void bench() {
+  alignas(32) static float u[kN], x[kN], o1[kN], o2[kN];
+  uint64_t state = 0x9E3779B97F4A7C15ull;
+  for (int i = 0; i < kN; ++i) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    const uint32_t r1 = uint32_t(state >> 32);
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    const uint32_t r2 = uint32_t(state >> 32);
+    u[i] = float(r1) * 0x1p-32f + 0x1p-33f;
+    x[i] = 6.2831853071795864769f * (float(r2) * 0x1p-32f + 0x1p-33f);
+  }
+  auto log_ours = [&] {
+    for (int i = 0; i < kN; i += 8) _mm256_store_ps(o1 + i, log8_open01(_mm256_load_ps(u + i)));
+  };
+  auto sincos_ours = [&] {
+    for (int i = 0; i < kN; i += 8) {
+      __m256 s, c;
+      sincos8(_mm256_load_ps(x + i), &s, &c);
+      _mm256_store_ps(o1 + i, s);
+      _mm256_store_ps(o2 + i, c);
+    }
+  };
+#ifdef WITH_SLEEF
+  auto log_sleef = [&] {
+    for (int i = 0; i < kN; i += 8)
+      _mm256_store_ps(o1 + i, Sleef_logf8_u35avx2(_mm256_load_ps(u + i)));
+  };
+  auto sincos_sleef = [&] {
+    for (int i = 0; i < kN; i += 8) {
+      const SleefFloat8x2 sc = Sleef_sincosf8_u35avx2(_mm256_load_ps(x + i));
+      _mm256_store_ps(o1 + i, sc.x);
+      _mm256_store_ps(o2 + i, sc.y);
+    }
+  };
+#endif
+  const int reps = 2000, rounds = 15;
+  std::vector<double> lo, so;
+#ifdef WITH_SLEEF
+  std::vector<double> ls, ss;
+#endif
+  for (int w = 0; w < 3; ++w) log_ours(), sincos_ours();  // warm up
+  for (int r = 0; r < rounds; ++r) {
+    lo.push_back(ns_per_element(log_ours, reps));
+#ifdef WITH_SLEEF
+    ls.push_back(ns_per_element(log_sleef, reps));
+#endif
+    so.push_back(ns_per_element(sincos_ours, reps));
+#ifdef WITH_SLEEF
+    ss.push_back(ns_per_element(sincos_sleef, reps));
+#endif
+  }
+  std::printf("throughput, ns per element (median of %d interleaved rounds of %d x %d):\n", rounds,
+              reps, kN);
+  std::printf("  log    ours %.3f", median(lo));
+#ifdef WITH_SLEEF
+  std::printf("   Sleef_logf8_u35avx2    %.3f", median(ls));
+#endif
+  std::printf("\n  sincos ours %.3f", median(so));
+#ifdef WITH_SLEEF
+  std::printf("   Sleef_sincosf8_u35avx2 %.3f", median(ss));
+#endif
+  double sum = 0;
+  for (int i = 0; i < kN; ++i) sum += o1[i] + o2[i];
+  std::printf("\n  (checksum %g)\n", sum);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool bench_only = argc > 1 && std::strcmp(argv[1], "--bench") == 0;
+  bool ok = true;
+  if (!bench_only) {
+    ok = check_log() && ok;
+    ok = check_sincos() && ok;
+    std::printf("targets %s\n", ok ? "met" : "MISSED");
+  }
+  bench();
+  return ok ? 0 : 1;
+}

@@ -1,0 +1,121 @@
+// Inline AVX2+FMA log and sincos for the Box-Muller step of the CPU noise generator
+// (cpu/noise.cpp), specialised to the inputs the RNG contract (DESIGN.md section 3) produces:
+//   u     = fl32(r * 2^-32 + 2^-33), r a uint32     -> u in [2^-33, 1]
+//   theta = fl32(kTwoPi * u2)                        -> theta in [0, fl32(2 pi)]
+// (u reaches 1.0f exactly: fl32(r) rounds up to 2^32 for r >= 2^32 - 128.) Outside those domains
+// the results are unspecified: no NaN, infinity, zero, negative or subnormal handling in the log,
+// no large-argument reduction in sincos. Torch-free: benchmarks/fastmath_check.cpp compiles this
+// header on its own and checks it exhaustively over both domains against double-precision libm.
+//
+// The polynomial coefficients were fitted for this file (weighted minimax by Lawson's iteration
+// in double precision, then rounded to float one coefficient at a time with the rest refitted).
+// Build flags: -ffp-contract=off is assumed; every FMA is written out.
+#pragma once
+
+#include "cpu/simd.h"
+
+#if BNN_HAVE_X86_SIMD
+#include <immintrin.h>
+
+namespace bnn_fast {
+namespace cpu {
+namespace fastmath {
+
+// Natural log of u for u in [2^-33, 1], the domain that is checked. (The method holds for any
+// positive normal float, but nothing outside that domain is tested or relied on.)
+//
+// u = 2^e * m with m in [sqrt(1/2), sqrt(2)), f = m - 1 (exact, Sterbenz), and
+//   log u = e ln2 + log1p(f),  log1p(f) = f + f^2 Q(f),
+// Q a degree-8 polynomial (weighted minimax relative error of log1p on [sqrt(1/2)-1, sqrt(2)-1]:
+// 2^-27.8 after rounding the coefficients to float). ln2 = LN2_HI + LN2_LO with LN2_HI on 17
+// bits, so e * LN2_HI is exact for |e| < 2^7, and e LN2_HI + f is summed with its rounding error
+// kept (Fast2Sum: |e LN2_HI| >= |f| whenever e != 0, and the sum is exact when e == 0).
+//
+// Measured exhaustively over every float in [2^-33, 1] against double-precision std::log
+// (benchmarks/fastmath_check.cpp): max error 0.887 ulp (at u = 0.706188679), max absolute error
+// 9.65e-7 (at u = 2.094e-8, where log u = -17.7 and 1 ulp = 1.9e-6). Sleef_logf8_u35avx2, which
+// this replaces in the noise generator, on the same inputs: 2.508 ulp, 2.01e-6.
+BNN_AVX2 inline __m256 log8_open01(__m256 u) {
+  const __m256i sqrt_half_bits = _mm256_set1_epi32(0x3f3504f3);  // 0.70710677f
+  const __m256i t = _mm256_sub_epi32(_mm256_castps_si256(u), sqrt_half_bits);
+  const __m256i e = _mm256_srai_epi32(t, 23);
+  const __m256 m = _mm256_castsi256_ps(
+      _mm256_add_epi32(_mm256_and_si256(t, _mm256_set1_epi32(0x007fffff)), sqrt_half_bits));
+  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
+  const __m256 fe = _mm256_cvtepi32_ps(e);
+
+  __m256 q = _mm256_set1_ps(-0x1.381470p-4f);
+  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0x1.087532p-3f));
+  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(-0x1.0f5200p-3f));
+  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0x1.226c80p-3f));
+  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(-0x1.5423e8p-3f));
+  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0x1.99a41cp-3f));
+  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(-0x1.000438p-2f));
+  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0x1.555550p-2f));
+  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(-0x1.fffff8p-2f));
+
+  const __m256 ln2_hi = _mm256_set1_ps(0x1.62e400p-1f);  // 0.693145751953125, 17 bits
+  const __m256 ln2_lo = _mm256_set1_ps(0x1.7f7d1cp-20f);
+  const __m256 a = _mm256_mul_ps(fe, ln2_hi);  // exact
+  const __m256 s = _mm256_add_ps(a, f);
+  const __m256 s_err = _mm256_sub_ps(f, _mm256_sub_ps(s, a));  // a + f = s + s_err exactly
+  const __m256 tail = _mm256_mul_ps(_mm256_mul_ps(f, f), q);  // f^2 Q(f)
+  const __m256 lo = _mm256_add_ps(_mm256_fmadd_ps(fe, ln2_lo, tail), s_err);
+  return _mm256_add_ps(s, lo);
+}
+
+// sin and cos of x for x in [0, fl32(2 pi)] (correct for |x| up to a few hundred; the reduction
+// constants are sized for q = round(x 2/pi) <= 4 but stay exact well beyond).
+//
+// q = round(x 2/pi), r = x - q pi/2 by a three-float Cody-Waite split of pi/2 (PIO2_1 + PIO2_2 +
+// PIO2_3, within 1.1e-23 of pi/2): x - q PIO2_1 is exact (one FMA), so r keeps its relative
+// accuracy where sin or cos of x crosses zero (the float nearest to pi, 2 pi, ...). Then
+// sin r = r + r^3 S(r^2) (S of degree 2, relative error 2^-27.9) and cos r = 1 + r^2 C(r^2)
+// (C of degree 3, 2^-33.0), both fitted on |r| <= pi/4 (1 + 1e-4), and the quadrant q mod 4
+// swaps and negates them.
+//
+// Measured exhaustively over every float in [0, fl32(2 pi)] against double-precision std::sin /
+// std::cos of the same float x (benchmarks/fastmath_check.cpp):
+//   sin: max 1.474 ulp (at x = 3.66440034), max absolute error 6.35e-8; where |sin x| < 2^-10
+//        the absolute error is at most 3.93e-11 = 2^-34.6, and the error is 1.474 ulp at most
+//        over the whole domain, zero crossings (x near pi, 2 pi) included.
+//   cos: max 1.481 ulp (at x = 1.31916893), max absolute error 7.18e-8; where |cos x| < 2^-10
+//        at most 3.68e-11 = 2^-34.7, and 1.481 ulp at most over the whole domain.
+// Sleef_sincosf8_u35avx2 on the same inputs: sin 1.547 ulp, cos 1.623 ulp.
+// (Carrying r as a float pair cut this to 1.31 ulp for 19% more time; not worth it here.)
+BNN_AVX2 inline void sincos8(__m256 x, __m256* s, __m256* c) {
+  const __m256 q = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(0x1.45f306p-1f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 nq = _mm256_sub_ps(_mm256_setzero_ps(), q);
+  __m256 r = _mm256_fmadd_ps(nq, _mm256_set1_ps(0x1.921fb6p+0f), x);  // exact
+  r = _mm256_fmadd_ps(nq, _mm256_set1_ps(-0x1.777a5cp-25f), r);
+  r = _mm256_fmadd_ps(nq, _mm256_set1_ps(-0x1.ee59dap-50f), r);
+  const __m256 r2 = _mm256_mul_ps(r, r);
+
+  __m256 sp = _mm256_set1_ps(-0x1.9953fep-13f);
+  sp = _mm256_fmadd_ps(sp, r2, _mm256_set1_ps(0x1.110778p-7f));
+  sp = _mm256_fmadd_ps(sp, r2, _mm256_set1_ps(-0x1.555546p-3f));
+  const __m256 sin_r = _mm256_fmadd_ps(_mm256_mul_ps(r, r2), sp, r);
+
+  __m256 cp = _mm256_set1_ps(0x1.99e80cp-16f);
+  cp = _mm256_fmadd_ps(cp, r2, _mm256_set1_ps(-0x1.6c0c28p-10f));
+  cp = _mm256_fmadd_ps(cp, r2, _mm256_set1_ps(0x1.55554ap-5f));
+  cp = _mm256_fmadd_ps(cp, r2, _mm256_set1_ps(-0.5f));
+  const __m256 cos_r = _mm256_fmadd_ps(cp, r2, _mm256_set1_ps(1.0f));
+
+  // Quadrant: odd q swaps sin and cos (blendv reads the sign bit, so bit 0 moves to bit 31);
+  // sin is negated for q mod 4 in {2, 3}, cos for q mod 4 in {1, 2}.
+  const __m256i iq = _mm256_cvtps_epi32(q);
+  const __m256 swap = _mm256_castsi256_ps(_mm256_slli_epi32(iq, 31));
+  const __m256 sign_s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(iq, 1), 31));
+  const __m256 sign_c = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_srli_epi32(_mm256_add_epi32(iq, _mm256_set1_epi32(1)), 1), 31));
+  *s = _mm256_xor_ps(_mm256_blendv_ps(sin_r, cos_r, swap), sign_s);
+  *c = _mm256_xor_ps(_mm256_blendv_ps(cos_r, sin_r, swap), sign_c);
+}
+
+}  // namespace fastmath
+}  // namespace cpu
+}  // namespace bnn_fast
+
+#endif  // BNN_HAVE_X86_SIMD
