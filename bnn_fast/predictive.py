@@ -31,12 +31,12 @@ from .sampling import sample_many
 __all__ = ["PredictiveResult", "ClassificationResult", "predictive", "predictive_classification"]
 
 _MB = 1 << 20
-# On the CPU, buffers beyond malloc's mmap threshold (32 MiB at most) are fresh pages on every
-# chunk: for the regression demo (300 points, 1000 hidden units), chunks with 48 MB activations
-# spent more CPU time in page faults than in compute, while chunks with 16-30 MB ones spent
-# next to none and ran 2x faster (much smaller chunks pay the per-pass overhead instead). A
-# 48 MiB working set keeps the largest activation (charged twice) under the threshold.
-_CPU_CHUNK_BYTES = 48 * _MB
+# On the CPU, smaller chunks run faster until the per-pass overhead shows: for the regression
+# demo (300 points, 1000 hidden units, 1.2 MB of activations per sample), 10,000 samples took
+# 2.1-2.2 s in chunks of 4-8 samples, 2.5 s in chunks of 10 and 3.3 s in chunks of 14-20 (with
+# bnn_fast.utils.retain_cpu_memory(); without it, chunks over a few MB also paid page faults on
+# every pass). 16 MiB (the largest activation charged twice) gives chunks of 6 there.
+_CPU_CHUNK_BYTES = 16 * _MB
 
 
 @dataclass
@@ -129,8 +129,8 @@ def predictive(
             output terms when samples are drawn one pass at a time). A rough estimate of the
             working set, excluding the model and `x` themselves.
         memory_budget_mb (float): the working-set budget in MiB when `chunk_size` is ``None``;
-            on the CPU at most 48 MiB are used whatever the budget, since bigger chunks run
-            slower there (page faults on fresh buffers every chunk). Default: 256
+            on the CPU at most 16 MiB are used whatever the budget, since bigger chunks run
+            slower there (see :func:`bnn_fast.utils.retain_cpu_memory` too). Default: 256
         quantiles (sequence of float or 1-D Tensor, optional): levels in (0, 1); their values are
             computed with :func:`torch.quantile` (linear interpolation) over the samples.
         return_samples (bool): also return all sampled outputs, ``[S, N, ...]`` on the CPU.

@@ -1,11 +1,14 @@
-"""Model-level helpers: freezing the noise of Bayesian layers and swapping layer types."""
+"""Model-level helpers: freezing the noise of Bayesian layers and swapping layer types; the CPU
+allocator setting that many-sample inference runs best under."""
 import copy
+import ctypes
+import sys
 
 import torch
 
 from .modules import BayesBatchNorm2d, BayesConv2d, BayesLinear
 
-__all__ = ["freeze", "unfreeze", "transform_model"]
+__all__ = ["freeze", "unfreeze", "transform_model", "retain_cpu_memory"]
 
 _BAYES_LAYERS = (BayesLinear, BayesConv2d, BayesBatchNorm2d)
 
@@ -101,3 +104,34 @@ def _transform(module, from_inst, to_inst, args, attrs, done):
                 setattr(module, name, _transform(child, from_inst, to_inst, args, attrs, done))
     done[id(module)] = (module, result)
     return result
+
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
+
+
+def retain_cpu_memory() -> bool:
+    r"""Makes glibc's malloc keep freed CPU memory for reuse instead of returning it to the system.
+
+    PyTorch's CPU tensors come from malloc, which serves large blocks with fresh pages and gives
+    freed ones back to the system, so a loop that allocates and frees the same large activations
+    pays a page fault per 4 KiB page on every pass. On the development machine (2 vCPUs) this
+    made the seed article's 10,000-sample prediction 1.5-4x slower and erratic, for torchbnn's
+    loop as for :func:`bnn_fast.predictive.predictive` (``benchmarks/bench_predictive.py``).
+    This sets ``M_MMAP_THRESHOLD`` to 32 MiB (blocks below it come from the heap) and
+    ``M_TRIM_THRESHOLD`` to 2 GiB (the heap is not trimmed), the effect of preloading jemalloc or
+    tcmalloc, as PyTorch's CPU performance guide recommends. It is process-wide and lasts until
+    the process ends: memory that was freed stays with the process (its resident size stays at
+    its peak). bnn_fast never calls it on its own; the regression example and the benchmarks do.
+
+    Returns:
+        bool: True if the setting was applied (Linux with glibc), False otherwise.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))

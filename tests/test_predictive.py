@@ -366,3 +366,17 @@ def test_a_model_returning_a_tuple_is_refused():
 
     with pytest.raises(TypeError, match="the model must return a tensor"):
         predictive(Pair(), X, 2)
+
+
+def test_retain_cpu_memory_applies_on_linux_glibc():
+    import platform
+    import sys
+
+    applied = bnn_fast.utils.retain_cpu_memory()
+    assert isinstance(applied, bool)
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert applied
+    # Idempotent, and tensors still allocate and free normally afterwards.
+    assert bnn_fast.utils.retain_cpu_memory() == applied
+    for _ in range(3):
+        assert torch.ones(3_000_000).sum().item() == 3_000_000

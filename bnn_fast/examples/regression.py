@@ -130,6 +130,10 @@ def _synchronize(device: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> Run:
     args = parse_args(argv)
+    if args.device == "cpu":
+        # Reuse freed CPU memory instead of paying page faults for the activations on every
+        # training step and sample chunk (see bnn_fast.utils.retain_cpu_memory).
+        bnn.utils.retain_cpu_memory()
     torch.manual_seed(args.seed)
     progress = not args.no_progress
     print(f"{bnn.backend()}\ndevice: {args.device}, estimator: {args.estimator}")
