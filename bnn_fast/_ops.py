@@ -218,6 +218,14 @@ def normal(
 # bayes_linear
 
 
+def _linear_args(op, x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, seed, n_samples) -> tuple:
+    """The schema arguments of a fused Bayesian-linear operator (seed as int64); raises if the
+    extension is not loaded."""
+    if not _LOADED:
+        raise RuntimeError(f"{op}: the compiled extension is not loaded; " + _REASON)
+    return (x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, _to_i64(seed), int(n_samples))
+
+
 def bayes_linear(
     x: Tensor,
     weight_mu: Tensor,
@@ -236,9 +244,7 @@ def bayes_linear(
         x: [n_samples or 1, N, in_features] (1: the same rows for every sample);
         weight_*: [out_features, in_features]; bias_*: [out_features]. Output: [n_samples, N, out_features].
     """
-    if not _LOADED:
-        raise RuntimeError("bayes_linear: the compiled extension is not loaded; " + _REASON)
-    args = (x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, _to_i64(seed), int(n_samples))
+    args = _linear_args("bayes_linear", x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, seed, n_samples)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
         return torch.ops.bnn_fast.bayes_linear(*args)[0]
     # Nothing will differentiate: the forward that need not keep the sampled weight.
@@ -263,10 +269,8 @@ def bayes_linear_local(
         x: [n_samples or 1, N, in_features]; weight_*: [out_features, in_features];
         bias_*: [out_features]. Output: [n_samples, N, out_features].
     """
-    if not _LOADED:
-        raise RuntimeError("bayes_linear_local: the compiled extension is not loaded; " + _REASON)
-    y, _ = torch.ops.bnn_fast.bayes_linear_local(x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, _to_i64(seed), int(n_samples))
-    return y
+    args = _linear_args("bayes_linear_local", x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, seed, n_samples)
+    return torch.ops.bnn_fast.bayes_linear_local(*args)[0]
 
 
 def bayes_linear_flipout(
@@ -288,10 +292,8 @@ def bayes_linear_flipout(
         x: [n_samples or 1, N, in_features]; weight_*: [out_features, in_features];
         bias_*: [out_features]. Output: [n_samples, N, out_features].
     """
-    if not _LOADED:
-        raise RuntimeError("bayes_linear_flipout: the compiled extension is not loaded; " + _REASON)
-    y, _ = torch.ops.bnn_fast.bayes_linear_flipout(x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, _to_i64(seed), int(n_samples))
-    return y
+    args = _linear_args("bayes_linear_flipout", x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, seed, n_samples)
+    return torch.ops.bnn_fast.bayes_linear_flipout(*args)[0]
 
 
 def _no_double_backward(op: str, *tensors: Optional[Tensor]) -> None:

@@ -56,6 +56,25 @@ __device__ __forceinline__ void normals4(uint64_t seed, uint64_t stream_id, uint
   for (int k = 0; k < 4; ++k) z[k] = (shift + k < 4) ? a[shift + k] : b[shift + k - 4];
 }
 
+// Grid-stride loop over the Philox blocks of [0, total): calls f(i, z) for every i < total with
+// z = normal(seed, stream_id, i). Each thread generates one block (4 normals) in registers at a
+// time, so the noise is never written.
+template <typename F>
+__device__ __forceinline__ void for_each_normal(int64_t total, uint64_t seed, uint64_t stream_id,
+                                                F&& f) {
+  const int64_t n_blocks = (total + 3) / 4;
+  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < n_blocks;
+       b += int64_t(gridDim.x) * blockDim.x) {
+    float z[4];
+    box_muller4(philox_block(seed, stream_id, uint64_t(b)), z);
+    for (int k = 0; k < 4; ++k) {
+      const int64_t i = b * 4 + k;
+      if (i >= total) break;
+      f(i, z[k]);
+    }
+  }
+}
+
 // Calls f.template operator()<T>() with T the C++ type of dtype.
 template <typename F>
 cudaError_t dispatch_dtype(DType dtype, F&& f) {

@@ -24,18 +24,10 @@ __global__ void local_combine_kernel(const T* __restrict__ mean, const T* __rest
                                      T* __restrict__ y, int64_t x_samples, int64_t total,
                                      int64_t per_sample, uint64_t seed, double tiny) {
   using A = typename Acc<T>::type;
-  const int64_t n_blocks = (total + 3) / 4;
-  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < n_blocks;
-       b += int64_t(gridDim.x) * blockDim.x) {
-    float z[4];
-    box_muller4(philox_block(seed, kLocalStream, uint64_t(b)), z);
-    for (int k = 0; k < 4; ++k) {
-      const int64_t i = b * 4 + k;
-      if (i >= total) break;
-      const int64_t src = source(x_samples, i / per_sample) * per_sample + i % per_sample;
-      y[i] = from_acc<T>(local_output<A>(to_acc(mean[src]), to_acc(var[src]), z[k], A(tiny)));
-    }
-  }
+  for_each_normal(total, seed, kLocalStream, [&](int64_t i, float z) {
+    const int64_t src = source(x_samples, i / per_sample) * per_sample + i % per_sample;
+    y[i] = from_acc<T>(local_output<A>(to_acc(mean[src]), to_acc(var[src]), z, A(tiny)));
+  });
 }
 
 // Thread q owns columns 4q..4q+3 of every row x it covers: with x_samples == S, the flat range
@@ -79,18 +71,10 @@ template <typename T>
 __global__ void apply_signs_kernel(const T* src, T* dst, int64_t x_samples, int64_t total,
                                    int64_t per_sample, uint64_t seed, uint64_t stream_id) {
   // src may alias dst (each element is read, then written, by the same thread): no __restrict__.
-  const int64_t n_blocks = (total + 3) / 4;
-  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < n_blocks;
-       b += int64_t(gridDim.x) * blockDim.x) {
-    float z[4];
-    box_muller4(philox_block(seed, stream_id, uint64_t(b)), z);
-    for (int k = 0; k < 4; ++k) {
-      const int64_t i = b * 4 + k;
-      if (i >= total) break;
-      const int64_t from = source(x_samples, i / per_sample) * per_sample + i % per_sample;
-      dst[i] = from_acc<T>(flip(to_acc(src[from]), z[k]));  // exact: a widening round trip
-    }
-  }
+  for_each_normal(total, seed, stream_id, [&](int64_t i, float z) {
+    const int64_t from = source(x_samples, i / per_sample) * per_sample + i % per_sample;
+    dst[i] = from_acc<T>(flip(to_acc(src[from]), z));  // exact: a widening round trip
+  });
 }
 
 template <typename T>
@@ -99,20 +83,12 @@ __global__ void flipout_combine_kernel(const T* __restrict__ mean, T* __restrict
                                        int64_t total, int64_t per_sample, int64_t out,
                                        uint64_t seed) {
   using A = typename Acc<T>::type;
-  const int64_t n_blocks = (total + 3) / 4;
-  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < n_blocks;
-       b += int64_t(gridDim.x) * blockDim.x) {
-    float z[4];
-    box_muller4(philox_block(seed, kOutputSignStream, uint64_t(b)), z);
-    for (int k = 0; k < 4; ++k) {
-      const int64_t i = b * 4 + k;
-      if (i >= total) break;
-      const int64_t s = i / per_sample, r = i % per_sample;
-      A v = to_acc(mean[source(x_samples, s) * per_sample + r]) + flip(to_acc(y[i]), z[k]);
-      if (bias != nullptr) v += to_acc(bias[s * out + r % out]);
-      y[i] = from_acc<T>(v);
-    }
-  }
+  for_each_normal(total, seed, kOutputSignStream, [&](int64_t i, float z) {
+    const int64_t s = i / per_sample, r = i % per_sample;
+    A v = to_acc(mean[source(x_samples, s) * per_sample + r]) + flip(to_acc(y[i]), z);
+    if (bias != nullptr) v += to_acc(bias[s * out + r % out]);
+    y[i] = from_acc<T>(v);
+  });
 }
 
 }  // namespace

@@ -21,19 +21,10 @@ template <typename T>
 __global__ void sample_kernel(const T* __restrict__ mu, const T* __restrict__ ls, T* __restrict__ out,
                               int64_t numel, int64_t total, uint64_t seed, uint64_t stream_id) {
   using A = typename Acc<T>::type;
-  const int64_t n_blocks = (total + 3) / 4;
-  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < n_blocks;
-       b += int64_t(gridDim.x) * blockDim.x) {
-    float z[4];
-    box_muller4(philox_block(seed, stream_id, uint64_t(b)), z);
-    for (int k = 0; k < 4; ++k) {
-      const int64_t i = b * 4 + k;
-      if (i < total) {
-        const int64_t j = i % numel;
-        out[i] = from_acc<T>(sample_element<A>(mu != nullptr ? to_acc(mu[j]) : A(0), to_acc(ls[j]), z[k]));
-      }
-    }
-  }
+  for_each_normal(total, seed, stream_id, [&](int64_t i, float z) {
+    const int64_t j = i % numel;
+    out[i] = from_acc<T>(sample_element<A>(mu != nullptr ? to_acc(mu[j]) : A(0), to_acc(ls[j]), z));
+  });
 }
 
 template <typename T>
