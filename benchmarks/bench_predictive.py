@@ -18,7 +18,9 @@ BayesLinear(0, 0.1, 1000, 1)), built with torchbnn and copied into bnn_fast thro
 
 --quick: 1,000 samples instead of 10,000 in (a), 500 training steps in (b), no 10^5 in (c).
 
-On the CPU every case runs under bnn_fast.utils.retain_cpu_memory() (malloc keeps freed memory
+The compared cases (prediction at the article's sample count, training) are timed in
+interleaved rounds: each case once per round, alternating, median of 3 rounds after an untimed
+one. On the CPU every timed case runs under bnn_fast.utils.retain_cpu_memory() (malloc keeps freed memory
 for reuse, as jemalloc or tcmalloc would), set once at the start for torchbnn and bnn_fast alike:
 without it both pay page faults for their activations on every pass, and the times vary 1.5-4x
 with the state of the heap.
@@ -45,6 +47,7 @@ ARTICLE_SAMPLES, QUICK_SAMPLES = 10_000, 1_000
 SCALING_SAMPLES, QUICK_SCALING_SAMPLES = (10**3, 10**4, 10**5), (10**3, 10**4)
 CHUNK_SIZES = (2, 10, 50)
 MEMORY_CHUNK = 20  # the chunk size of the memory-vs-samples table
+ROUNDS = 3  # interleaved timed runs of each compared case (after one untimed round)
 TRAIN_STEPS, QUICK_TRAIN_STEPS = 2000, 500
 LR, KL_WEIGHT = 0.01, 0.01
 TAIL_STEPS = 100  # the training sanity value is the mean cost over the last TAIL_STEPS steps
@@ -188,8 +191,10 @@ def main(argv=None):
     # count, 10^4, or 10^3 with --quick), the default bnn_fast row also at every scaling count.
     predict_label = f"Predictive, 1-{HIDDEN}-1 net, {TEST_POINTS} points ({device.type})"
     results = {}
-    cases = [harness.Case(predict_label, "bnn_fast", column(s), recording(results, s, lambda s=s: bf_predict(s)))
-             for s in scaling]
+    scaling_cases = {s: harness.Case(predict_label, "bnn_fast", column(s), recording(results, s, lambda s=s: bf_predict(s)))
+                     for s in scaling if s != article_samples}
+    cases = [harness.Case(predict_label, "bnn_fast", column(article_samples),
+                          recording(results, article_samples, lambda: bf_predict(article_samples)))]
     for c in CHUNK_SIZES:
         cases.append(harness.Case(predict_label, f"bnn_fast chunk_size={c}", column(article_samples),
                                   lambda c=c: bf_predict(article_samples, c)))
@@ -213,7 +218,11 @@ def main(argv=None):
                            "applied" if applied else "not available"]])
 
     print(f"prediction: {TEST_POINTS} points, samples {scaling}, on {args.device}, {args.threads} threads", flush=True)
-    runner.measure(cases)
+    # The cases compared at the article's sample count alternate, ROUNDS times each; the other
+    # sample counts (scaling only) are timed on their own.
+    runner.measure([c for s, c in scaling_cases.items() if s < article_samples])
+    runner.measure_interleaved(cases, ROUNDS)
+    runner.measure([c for s, c in scaling_cases.items() if s > article_samples])
     sanity_predictive(runner, results[article_samples], *results["torchbnn"], article_samples)
     chunk_sizes = {s: results[s].chunk_size for s in scaling}
     runner.add_table(
@@ -239,11 +248,11 @@ def main(argv=None):
     train_column = f"{steps} steps"
     tails = {}
     print(f"training: {steps} steps", flush=True)
-    runner.measure([
+    runner.measure_interleaved([
         harness.Case(train_label, name, train_column,
                      recording(tails, name, lambda lib=lib, model=model: train(lib, model, x_train, y_train, steps)))
         for name, lib, model in (("bnn_fast", bnn_fast, bf_model), ("torchbnn", torchbnn, tb_model))
-    ])
+    ], ROUNDS)
     runner.add_table(
         f"Sanity: training cost (MSE + {KL_WEIGHT} KL), mean of the last {TAIL_STEPS} of {steps} steps",
         ["implementation", "cost"],

@@ -184,6 +184,28 @@ class Runner:
         self.started = time.perf_counter(), cpu_seconds()
         torch.set_num_threads(args.threads)
 
+    def measure_interleaved(self, cases: list[Case], rounds: int) -> None:
+        """Times each case once per round, the cases alternating within a round, and keeps the
+        `rounds` times of each (median over rounds). For cases that take seconds, where a slow
+        drift of the machine would otherwise fall on whichever case ran last; one untimed round
+        first warms every case up."""
+        timers = [
+            benchmark.Timer(stmt="stmt()", globals={"stmt": c.stmt}, label=c.label, sub_label=c.sub_label,
+                            description=c.description, num_threads=self.args.threads)
+            for c in cases
+        ]
+        for case in cases:
+            case.stmt()
+        runs = [[] for _ in cases]
+        for _ in range(rounds):
+            for timer, times in zip(timers, runs):
+                times.append(timer.timeit(number=1))
+        for case, times in zip(cases, runs):
+            (m,) = benchmark.Measurement.merge(times)
+            self.measurements.append(m)
+            print(f"  {case.label} | {case.sub_label} | {case.description}: {format_time(m.median, m.iqr)}"
+                  f" ({len(m.times)} interleaved runs)", flush=True)
+
     def measure(self, cases: list[Case]) -> None:
         for case in cases:
             # No explicit warm-up: blocked_autorange's block-size estimate runs the statement first.
