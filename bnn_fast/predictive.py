@@ -31,11 +31,12 @@ from .sampling import sample_many
 __all__ = ["PredictiveResult", "ClassificationResult", "predictive", "predictive_classification"]
 
 _MB = 1 << 20
-# On the CPU, smaller chunks run faster until the per-pass overhead shows: for the regression
-# demo (300 points, 1000 hidden units, 1.2 MB of activations per sample), 10,000 samples took
-# 2.1-2.2 s in chunks of 4-8 samples, 2.5 s in chunks of 10 and 3.3 s in chunks of 14-20 (with
-# bnn_fast.utils.retain_cpu_memory(); without it, chunks over a few MB also paid page faults on
-# every pass). 16 MiB (the largest activation charged twice) gives chunks of 6 there.
+# On the CPU a chunk's activations are fresh buffers on every pass: with glibc's default malloc,
+# chunks with activations of tens of MB paid page faults on every pass (the regression demo,
+# 1.2 MB of activations per sample, ran 1.5-4x slower in chunks of 20-50 than of 10). With
+# bnn_fast.utils.retain_cpu_memory() the chunk size matters little there (10,000 samples:
+# 3.1-3.4 s for chunks of 2 to 50, benchmarks/bench_predictive.py). A 16 MiB working set (the
+# largest activation charged twice; chunks of 6 for the demo) is fast either way and small.
 _CPU_CHUNK_BYTES = 16 * _MB
 
 
