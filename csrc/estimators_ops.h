@@ -25,6 +25,7 @@
 #include <optional>
 #include <tuple>
 
+#include "bias_grads.h"
 #include "checks.h"
 
 namespace bnn_fast {
@@ -164,6 +165,7 @@ Grads flipout_backward(const at::Tensor& grad, const at::Tensor& x_in, const at:
   at::Tensor gx = none(), gmu = none(), gls = none(), gbmu = none(), gbls = none();
 
   at::Tensor delta;  // sigma * eps [S, out, in]: kept by the forward, or regenerated
+  at::Tensor gp;     // g * s_out: the gradient of the perturbation's product
   if (mask[0] || mask[2]) {
     if (saved.numel() > 0) {
       TORCH_CHECK_VALUE(saved.dim() == 3 && saved.size(0) == S && saved.size(1) == out &&
@@ -174,9 +176,6 @@ Grads flipout_backward(const at::Tensor& grad, const at::Tensor& x_in, const at:
     } else {
       delta = Kernels::sample(at::Tensor(), w_ls.contiguous(), S, sd, kWeightStream, op);
     }
-  }
-  at::Tensor gp;  // g * s_out: the gradient of the perturbation's product
-  if (mask[0] || mask[2]) {
     gp = at::empty_like(g);
     Kernels::apply_signs(g, gp, sd, kOutputSignStream);
   }
@@ -195,13 +194,9 @@ Grads flipout_backward(const at::Tensor& grad, const at::Tensor& x_in, const at:
     xs.reset();
     gls = d_delta.mul_(delta).sum(0);  // d delta / d log_sigma = delta
   }
-  if (b_ls.has_value() && (mask[3] || mask[4])) {
-    const at::Tensor db = g.sum(1);  // [S, out]
-    if (mask[3]) gbmu = db.sum(0);
-    if (mask[4]) {
-      const at::Tensor eps = Kernels::normal(S * out, sd, kBiasStream, g).view({S, out});
-      gbls = (db * eps.to(db.scalar_type())).sum(0).mul_(b_ls->exp());
-    }
+  if (b_ls.has_value()) {
+    sampled_bias_grads(g, *b_ls, mask[3], mask[4],
+                       [&] { return Kernels::normal(S * out, sd, kBiasStream, g); }, gbmu, gbls);
   }
   return {gx, gmu, gls, gbmu, gbls};
 }

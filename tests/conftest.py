@@ -15,3 +15,41 @@ DEVICES = [
         marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels compiled"),
     ),
 ]
+
+
+def make_layer(out_f, in_f, dtype, device, bias=True, seed=0):
+    """Random (weight_mu, weight_log_sigma, bias_mu, bias_log_sigma) of a Bayesian linear layer;
+    the bias pair is (None, None) without bias."""
+    g = torch.Generator().manual_seed(seed)
+    mu = (torch.rand(out_f, in_f, generator=g, dtype=dtype) - 0.5).to(device)
+    ls = (torch.randn(out_f, in_f, generator=g, dtype=dtype) * 0.3 - 1.5).to(device)
+    if not bias:
+        return mu, ls, None, None
+    bmu = (torch.rand(out_f, generator=g, dtype=dtype) - 0.5).to(device)
+    bls = (torch.randn(out_f, generator=g, dtype=dtype) * 0.3 - 1.5).to(device)
+    return mu, ls, bmu, bls
+
+
+def linear_args(**changes):
+    """Valid keyword arguments of a fused linear operator (x [1, 2, 4], 3 outputs), updated."""
+    args = dict(x=torch.randn(1, 2, 4), weight_mu=torch.zeros(3, 4), weight_log_sigma=torch.zeros(3, 4),
+                bias_mu=torch.zeros(3), bias_log_sigma=torch.zeros(3), seed=0, n_samples=1)
+    args.update(changes)
+    return args
+
+
+# (changes to linear_args(), exception, message after "<op>: ") of every fused linear operator.
+BAD_LINEAR_ARGS = [
+    (dict(x=torch.randn(1, 2, 5)), ValueError, r"x must have last dim 4 \(in_features\), got 5"),
+    (dict(x=torch.randn(2, 4)), ValueError, r"x must be 3-D"),
+    (dict(x=torch.randn(2, 2, 4), n_samples=3), ValueError, r"x.size\(0\) must be 1 or n_samples"),
+    (dict(n_samples=0), ValueError, r"n_samples must be >= 1"),
+    (dict(x=torch.ones(1, 2, 4, dtype=torch.int64)), TypeError, r"x must be a floating-point"),
+    (dict(x=torch.randn(1, 2, 4, dtype=torch.float64)), TypeError, r"weight_mu must have dtype"),
+    (dict(bias_mu=torch.zeros(5), bias_log_sigma=torch.zeros(5)), ValueError, r"bias_mu must have shape \[3\]"),
+    (dict(weight_log_sigma=torch.zeros(3, 5)), ValueError, r"weight_log_sigma must have the shape of weight_mu"),
+    (dict(bias_log_sigma=None), ValueError, r"bias_mu and bias_log_sigma must be given together"),
+    (dict(x=torch.randn(1, 2, 4, dtype=torch.float16), weight_mu=torch.zeros(3, 4, dtype=torch.float16),
+          weight_log_sigma=torch.zeros(3, 4, dtype=torch.float16), bias_mu=None, bias_log_sigma=None),
+     TypeError, r"x must be float32 or float64 on the CPU"),
+]

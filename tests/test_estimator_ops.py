@@ -7,23 +7,12 @@ import torch
 
 import bnn_fast
 from bnn_fast import _ops, estimators
-from conftest import CUDA, DEVICES, requires_ext
+from conftest import BAD_LINEAR_ARGS, CUDA, DEVICES, linear_args, make_layer, requires_ext
 
 pytestmark = requires_ext
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 OPS = {"local": _ops.bayes_linear_local, "flipout": _ops.bayes_linear_flipout}
-
-
-def make_layer(out_f, in_f, dtype, device, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mu = (torch.rand(out_f, in_f, generator=g, dtype=dtype) - 0.5).to(device)
-    ls = (torch.randn(out_f, in_f, generator=g, dtype=dtype) * 0.3 - 1.5).to(device)
-    if not bias:
-        return mu, ls, None, None
-    bmu = (torch.rand(out_f, generator=g, dtype=dtype) - 0.5).to(device)
-    bls = (torch.randn(out_f, generator=g, dtype=dtype) * 0.3 - 1.5).to(device)
-    return mu, ls, bmu, bls
 
 
 def signs(shape, seed, stream, like):
@@ -222,28 +211,10 @@ def test_thread_count_does_not_change_the_output(name):
 
 
 @pytest.mark.parametrize("name", OPS)
-@pytest.mark.parametrize(
-    "kwargs,exc,match",
-    [
-        (dict(x=torch.randn(1, 2, 5)), ValueError, r"x must have last dim 4 \(in_features\), got 5"),
-        (dict(x=torch.randn(2, 4)), ValueError, r"x must be 3-D"),
-        (dict(x=torch.randn(2, 2, 4), n_samples=3), ValueError, r"x.size\(0\) must be 1 or n_samples"),
-        (dict(n_samples=0), ValueError, r"n_samples must be >= 1"),
-        (dict(x=torch.ones(1, 2, 4, dtype=torch.int64)), TypeError, r"x must be a floating-point"),
-        (dict(x=torch.randn(1, 2, 4, dtype=torch.float64)), TypeError, r"weight_mu must have dtype"),
-        (dict(bias_mu=torch.zeros(5), bias_log_sigma=torch.zeros(5)), ValueError, r"bias_mu must have shape \[3\]"),
-        (dict(bias_log_sigma=None), ValueError, r"bias_mu and bias_log_sigma must be given together"),
-        (dict(x=torch.randn(1, 2, 4, dtype=torch.float16), weight_mu=torch.zeros(3, 4, dtype=torch.float16),
-              weight_log_sigma=torch.zeros(3, 4, dtype=torch.float16), bias_mu=None, bias_log_sigma=None),
-         TypeError, r"x must be float32 or float64 on the CPU"),
-    ],
-)
+@pytest.mark.parametrize("kwargs,exc,match", BAD_LINEAR_ARGS)
 def test_bad_input_names_the_argument(name, kwargs, exc, match):
-    args = dict(x=torch.randn(1, 2, 4), weight_mu=torch.zeros(3, 4), weight_log_sigma=torch.zeros(3, 4),
-                bias_mu=torch.zeros(3), bias_log_sigma=torch.zeros(3), seed=0, n_samples=1)
-    args.update(kwargs)
     with pytest.raises(exc, match="bayes_linear_" + name + ": " + match):
-        OPS[name](**args)
+        OPS[name](**linear_args(**kwargs))
 
 
 @pytest.mark.parametrize("name", OPS)

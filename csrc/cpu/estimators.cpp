@@ -61,10 +61,7 @@ struct CpuKernels {
 
   static at::Tensor normal(int64_t n, uint64_t seed, uint64_t stream, const at::Tensor& like) {
     at::Tensor out = at::empty({n}, like.options().dtype(at::kFloat));
-    float* o = out.mutable_data_ptr<float>();
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      fill_normal(o + b, e - b, seed, stream, uint64_t(b));
-    });
+    fill_normal_parallel(out.mutable_data_ptr<float>(), n, seed, stream, 0);
     return out;
   }
 

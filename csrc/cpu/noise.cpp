@@ -136,9 +136,7 @@ void fill_normal_cpu(const at::Tensor& out, int64_t seed, int64_t stream, int64_
   const int64_t n = out.numel();
   if (n == 0) return;
   const auto fill = [&](float* dst) {
-    at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
-      fill_normal(dst + b, e - b, uint64_t(seed), uint64_t(stream), uint64_t(offset + b));
-    });
+    fill_normal_parallel(dst, n, uint64_t(seed), uint64_t(stream), uint64_t(offset));
   };
   if (out.scalar_type() == at::kFloat) {
     fill(out.mutable_data_ptr<float>());
@@ -178,6 +176,12 @@ void fill_normal(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t
   if (use_avx2()) return fill_normal_avx2(out, n, seed, stream, start);
 #endif
   fill_normal_scalar(out, n, seed, stream, start);
+}
+
+void fill_normal_parallel(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+    fill_normal(out + b, e - b, seed, stream, start + uint64_t(b));
+  });
 }
 
 TORCH_LIBRARY_IMPL(bnn_fast, CPU, m) {

@@ -6,6 +6,7 @@
 
 #include <array>
 
+#include "bias_grads.h"
 #include "checks.h"
 #include "cuda/glue.h"
 
@@ -77,16 +78,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
                                        gmu.mutable_data_ptr(), gls.mutable_data_ptr(),
                                        w_mu.numel(), S, uint64_t(seed), current_stream()));
   }
-  if ((mask[3] || mask[4]) && b_ls.has_value()) {
-    const at::Tensor db = dy.sum(1);  // [S, out]
-    gbmu = db.sum(0);
-    if (mask[4]) {
-      at::Tensor eps = at::empty({S, out}, opts.dtype(at::kFloat));
+  if (b_ls.has_value()) {
+    sampled_bias_grads(dy, *b_ls, mask[3], mask[4], [&] {
+      at::Tensor eps = at::empty({S * out}, opts.dtype(at::kFloat));
       BNN_CUDA_CHECK("bayes_linear_backward",
                      launch_fill_normal(eps.mutable_data_ptr<float>(), S * out, uint64_t(seed), 1,
                                         0, current_stream()));
-      gbls = (db * eps.to(db.scalar_type()) * b_ls->exp()).sum(0);
-    }
+      return eps;
+    }, gbmu, gbls);
   }
   return {gx, gmu, gls, gbmu, gbls};
 }
