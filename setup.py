@@ -88,7 +88,7 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     csrc = os.path.join("csrc")
-    sources = [os.path.join(csrc, "ops.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    sources = [os.path.join(csrc, "ops.cpp"), os.path.join(csrc, "autograd.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
     # -fopenmp: at::parallel_for is a header template that runs serially unless the translation
     # unit itself is compiled with OpenMP (ATen/ParallelOpenMP.h tests _OPENMP).
     cxx = ["-O3", "-std=c++20", "-fno-fast-math", "-ffp-contract=off", "-Wno-psabi", "-fopenmp"]

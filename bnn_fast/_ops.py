@@ -296,17 +296,9 @@ def bayes_linear_flipout(
     return torch.ops.bnn_fast.bayes_linear_flipout(*args)[0]
 
 
-def _no_double_backward(op: str, *tensors: Optional[Tensor]) -> None:
-    # The backward kernels are not differentiable: refuse instead of returning a silent zero.
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError(
-            f"{op}: double backward (create_graph=True through this operator) is not supported; "
-            "use the pure-PyTorch path (BNN_FAST_FORCE_REFERENCE=1) for higher-order gradients"
-        )
-
-
 def _register() -> None:
-    """Fake (meta) implementations and autograd formulas of the compiled operators."""
+    """Fake (meta) implementations of the compiled operators (their autograd formulas are C++
+    kernels: csrc/autograd.cpp)."""
 
     @torch.library.register_fake("bnn_fast::gaussian_kl")
     def _(mu, log_sigma, prior_mu, prior_log_sigma):
@@ -315,21 +307,6 @@ def _register() -> None:
     @torch.library.register_fake("bnn_fast::gaussian_kl_backward")
     def _(grad, mu, log_sigma, prior_mu, prior_log_sigma):
         return [torch.empty_like(m) for m in mu], [torch.empty_like(s) for s in log_sigma]
-
-    def kl_setup(ctx, inputs, output):
-        mu, log_sigma, prior_mu, prior_log_sigma = inputs
-        ctx.n = len(mu)
-        ctx.prior = (prior_mu, prior_log_sigma)
-        ctx.save_for_backward(*mu, *log_sigma)
-
-    def kl_backward(ctx, grad):
-        saved = ctx.saved_tensors
-        mu, log_sigma = list(saved[: ctx.n]), list(saved[ctx.n :])
-        _no_double_backward("gaussian_kl", grad, *saved)
-        gmu, gls = torch.ops.bnn_fast.gaussian_kl_backward(grad, mu, log_sigma, *ctx.prior)
-        return gmu, gls, None, None
-
-    torch.library.register_autograd("bnn_fast::gaussian_kl", kl_backward, setup_context=kl_setup)
 
     @torch.library.register_fake("bnn_fast::fill_normal_")
     def _(out, seed, stream, offset):
@@ -368,16 +345,14 @@ def _register() -> None:
         return y, saved
 
     for name in ("bayes_linear", "bayes_linear_local", "bayes_linear_flipout"):
-        _register_linear_autograd(name)
+        _register_linear_backward_fake(name)
 
 
-def _register_linear_autograd(name: str) -> None:
-    """The fake backward and the autograd formula of a fused Bayesian-linear operator `name`.
-
-    Each returns (y, saved) and has a `name`_backward(grad_out, x, weight_mu, weight_log_sigma,
-    bias_log_sigma, saved, seed, n_samples, output_mask) giving the five input gradients.
-    """
-    backward_op = getattr(torch.ops.bnn_fast, name + "_backward")
+def _register_linear_backward_fake(name: str) -> None:
+    """The fake implementation of a fused Bayesian-linear operator's backward, `name`_backward
+    (grad_out, x, weight_mu, weight_log_sigma, bias_log_sigma, saved, seed, n_samples,
+    output_mask), which gives the five input gradients. The autograd formulas that call it are
+    C++ kernels (csrc/autograd.cpp), like gaussian_kl's."""
 
     @torch.library.register_fake(f"bnn_fast::{name}_backward")
     def _(grad_out, x, weight_mu, weight_log_sigma, bias_log_sigma, saved, seed, n_samples, output_mask):
@@ -391,36 +366,6 @@ def _register_linear_autograd(name: str) -> None:
             grad_like(bias_log_sigma, output_mask[3]),
             grad_like(bias_log_sigma, output_mask[4]),
         )
-
-    def setup(ctx, inputs, output):
-        x, w_mu, w_ls, b_mu, b_ls, seed, n_samples = inputs
-        ctx.seed, ctx.n_samples, ctx.has_bias = seed, n_samples, b_mu is not None
-        # The second output (what the backward needs) never receives a gradient: without this,
-        # autograd would fill a zero tensor of its size on every backward.
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, w_mu, w_ls, b_ls, output[1])
-
-    def backward(ctx, grad_y, grad_saved):
-        x, w_mu, w_ls, b_ls, saved = ctx.saved_tensors
-        if grad_y is None:  # not materialized: nothing flowed back into y
-            return (None,) * 7
-        _no_double_backward(name, grad_y, x, w_mu, w_ls, b_ls)
-        needs = ctx.needs_input_grad
-        mask = [needs[0], needs[1], needs[2], ctx.has_bias and needs[3], ctx.has_bias and needs[4]]
-        gx, gmu, gls, gbmu, gbls = backward_op(grad_y, x, w_mu, w_ls, b_ls, saved, ctx.seed, ctx.n_samples, mask)
-        if gx.numel() and gx.shape != x.shape:  # x was broadcast over samples
-            gx = gx.reshape(x.shape)
-        return (
-            gx if mask[0] else None,
-            gmu if mask[1] else None,
-            gls if mask[2] else None,
-            gbmu if mask[3] else None,
-            gbls if mask[4] else None,
-            None,
-            None,
-        )
-
-    torch.library.register_autograd(f"bnn_fast::{name}", backward, setup_context=setup)
 
 
 if _LOADED:

@@ -30,6 +30,10 @@ CASES = [  # (S, x_samples, N, in, out, bias)
     (5, 1, 300, 1, 30, True),  # in_features <= 8: the direct loop instead of the GEMM (CPU)
     (3, 3, 7, 3, 11, True),
     (1, 1, 3, 1, 4, False),
+    # out_features <= 8: the CPU's row-dot forward and column-block backward; 700 columns are
+    # two full blocks of 256 and a part block whose length is not a multiple of 8
+    (2, 1, 30, 700, 1, True),
+    (3, 3, 12, 300, 2, False),
 ]
 
 
@@ -63,6 +67,43 @@ def test_gradients_equal_reference(device, dtype, S, xs, N, in_f, out_f, bias):
         grads.append(torch.autograd.grad((y * weights).sum(), leaves))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("wants", ["x", "weights"])
+@pytest.mark.parametrize("S,xs,N,in_f,out_f", [(2, 1, 30, 300, 1), (2, 2, 9, 40, 24), (2, 1, 3, 40, 24)])
+def test_partial_gradients_equal_reference(device, wants, S, xs, N, in_f, out_f):
+    # Only grad_x, or only the parameters' gradients: each backward path skips the other part.
+    mu, ls, bmu, bls = make_layer(out_f, in_f, torch.float64, device, seed=4)
+    x = torch.randn(xs, N, in_f, dtype=torch.float64, device=device)
+    leaves = [x] if wants == "x" else [mu, ls, bmu, bls]
+    grads = []
+    for fn in (_ops.bayes_linear, reference_with_kernel_noise):
+        for t in (x, mu, ls, bmu, bls):
+            t.requires_grad_(any(t is leaf for leaf in leaves))
+        y = fn(x, mu, ls, bmu, bls, 5, S)
+        weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=device).reshape(y.shape)
+        grads.append(torch.autograd.grad((y * weights).sum(), leaves))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("out_f", [1, 3])
+def test_backward_thread_count_does_not_change_the_gradients(out_f):
+    params = make_layer(out_f, 700, torch.float32, "cpu", seed=6)
+    x = torch.randn(2, 40, 700)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, max(2, before)):
+            torch.set_num_threads(threads)
+            leaves = [t.detach().clone().requires_grad_(True) for t in (x, *params)]
+            y = _ops.bayes_linear(*leaves, 3, 2)
+            results.append(torch.autograd.grad(y.square().sum(), leaves))
+    finally:
+        torch.set_num_threads(before)
+    for one, many in zip(*results):
+        assert torch.equal(one, many)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -43,7 +43,25 @@ def test_module_runs_from_the_command_line_with_the_default_output(tmp_path):
     assert "figure: " in done.stdout
 
 
-@pytest.mark.parametrize("argv", [["--estimator", "flipout"], ["--steps", "0"],
+@pytest.mark.parametrize("estimator", ["local", "flipout"])
+def test_each_estimator_trains(tmp_path, estimator, monkeypatch):
+    used = []
+    make_model = regression.make_model
+
+    def spy(name):
+        model = make_model(name)
+        used.extend(m.estimator for m in model if hasattr(m, "estimator"))
+        return model
+
+    monkeypatch.setattr(regression, "make_model", spy)
+    run = regression.main(["--steps", "40", "--samples", "50", "--device", "cpu", "--estimator",
+                           estimator, "--out", str(tmp_path / "fit.png"), "--no-progress"])
+    assert used == [estimator, estimator]
+    first, last = sum(run.losses[:10]) / 10, sum(run.losses[-10:]) / 10
+    assert last < first, (first, last)
+
+
+@pytest.mark.parametrize("argv", [["--estimator", "dropout"], ["--steps", "0"],
                                   ["--samples", "-1"]])
 def test_bad_options_are_refused(argv):
     with pytest.raises(SystemExit) as exit_info:

@@ -25,9 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import bnn_fast as bnn
+from bnn_fast.estimators import ESTIMATORS
 from bnn_fast.predictive import PredictiveResult, predictive
-
-ESTIMATORS = ["reparam"]
 
 
 @dataclass
@@ -56,9 +55,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--estimator", choices=ESTIMATORS, default="reparam",
-                        help="gradient estimator of the weight noise: 'reparam' (the "
-                             "reparameterization trick, as torchbnn) for now; 'local' "
-                             "(local reparameterization) and 'flipout' come later")
+                        help="how the Bayesian layers draw their noise: 'reparam' (torchbnn's "
+                             "reparameterization: one weight sample per forward, shared by the "
+                             "batch), 'local' (local reparameterization: a normal per output "
+                             "element) or 'flipout' (one perturbation, sign-flipped per row); "
+                             "default: reparam")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
@@ -76,11 +77,14 @@ def make_data(n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x.unsqueeze(1).to(device), y.unsqueeze(1).to(device)
 
 
-def make_model() -> nn.Sequential:
+def make_model(estimator: str = "reparam") -> nn.Sequential:
+    """The article's 1-1000-1 network; `estimator` is each Bayesian layer's (bnn_fast.estimators)."""
     return nn.Sequential(
-        bnn.BayesLinear(prior_mu=0, prior_sigma=0.1, in_features=1, out_features=1000),
+        bnn.BayesLinear(prior_mu=0, prior_sigma=0.1, in_features=1, out_features=1000,
+                        estimator=estimator),
         nn.ReLU(),
-        bnn.BayesLinear(prior_mu=0, prior_sigma=0.1, in_features=1000, out_features=1),
+        bnn.BayesLinear(prior_mu=0, prior_sigma=0.1, in_features=1000, out_features=1,
+                        estimator=estimator),
     )
 
 
@@ -139,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Run:
     print(f"{bnn.backend()}\ndevice: {args.device}, estimator: {args.estimator}")
 
     x, y = make_data(500, args.device)
-    model = make_model().to(args.device)
+    model = make_model(args.estimator).to(args.device)
     start = time.perf_counter()
     losses = train(model, x, y, args.steps, progress)
     _synchronize(args.device)

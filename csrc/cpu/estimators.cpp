@@ -13,6 +13,7 @@
 
 #include "cpu/memory.h"
 #include "cpu/noise.h"
+#include "cpu/simd.h"
 #include "cpu/sample.h"
 #include "estimators.h"
 #include "estimators_ops.h"
@@ -31,12 +32,13 @@ template <class F>
 void for_each_noise_tile(int64_t S, int64_t R, uint64_t seed, uint64_t stream, const F& f) {
   const int64_t total = S * R;
   if (total == 0) return;
+  const bool simd = use_avx2();
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
     float eps[kTile];
     for (int64_t i = begin; i < end;) {
       const int64_t s = i / R, r = i % R;
       const int64_t len = std::min({kTile - i % kTile, end - i, R - r});
-      fill_normal(eps, len, seed, stream, uint64_t(i));
+      fill_normal(eps, len, seed, stream, uint64_t(i), simd);
       f(s, r, len, eps);
       i += len;
     }
@@ -104,12 +106,13 @@ struct CpuKernels {
         return;
       }
       // Broadcast input: each thread owns a range of r and sums the S samples in order.
+      const bool simd = use_avx2();
       at::parallel_for(0, R, std::max<int64_t>(1, kGrain / S), [&](int64_t begin, int64_t end) {
         float eps[kTile];
         for (int64_t r = begin; r < end;) {
           const int64_t len = std::min(kTile - r % kTile, end - r);
           for (int64_t s = 0; s < S; ++s) {
-            fill_normal(eps, len, seed, estimators::kLocalStream, uint64_t(s * R + r));
+            fill_normal(eps, len, seed, estimators::kLocalStream, uint64_t(s * R + r), simd);
             const scalar_t* gs = gp + s * R + r;
             for (int64_t k = 0; k < len; ++k) {
               const scalar_t dv = local_grad_var(gs[k], v[r + k], eps[k], tiny);

@@ -171,16 +171,23 @@ at::Tensor philox4x32_10_cpu(const at::Tensor& counter_in, const at::Tensor& key
 
 }  // namespace
 
-void fill_normal(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start) {
+void fill_normal(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start,
+                 bool simd) {
 #if BNN_HAVE_X86_SIMD
-  if (use_avx2()) return fill_normal_avx2(out, n, seed, stream, start);
+  if (simd) return fill_normal_avx2(out, n, seed, stream, start);
 #endif
+  (void)simd;
   fill_normal_scalar(out, n, seed, stream, start);
 }
 
+void fill_normal(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start) {
+  fill_normal(out, n, seed, stream, start, use_avx2());
+}
+
 void fill_normal_parallel(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start) {
+  const bool simd = use_avx2();
   at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
-    fill_normal(out + b, e - b, seed, stream, start + uint64_t(b));
+    fill_normal(out + b, e - b, seed, stream, start + uint64_t(b), simd);
   });
 }
 

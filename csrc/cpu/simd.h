@@ -23,6 +23,8 @@ __m256d Sleef_expd4_u10avx2(__m256d);
 namespace bnn_fast {
 namespace cpu {
 
+// Reads the environment (about 40 ns): kernels call it once per call or parallel task and pass
+// the answer down, never per element, row or tile.
 inline bool use_avx2() {
 #if BNN_HAVE_X86_SIMD
   static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

@@ -1,0 +1,183 @@
+// Autograd for the differentiable operators, in C++ (dispatch key Autograd, every device).
+//
+// Each forward redispatches below autograd to the device kernel and saves what its *_backward
+// operator takes; each backward calls that operator. Written in Python with
+// torch.library.register_autograd, the same formulas cost about 70 us more per forward on the
+// development VM (a Python kernel, a context object and a redispatch on every call), which is
+// most of a small layer's step (benchmarks/README.md). The fake (meta) implementations stay in
+// Python (bnn_fast/_ops.py).
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <array>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace bnn_fast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The backward operators are not differentiable: with create_graph=True, refuse instead of
+// returning gradients that silently lack their own gradient.
+void check_no_double_backward(const char* op, const std::vector<at::Tensor>& tensors) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(!(t.defined() && t.requires_grad()), op,
+                ": double backward (create_graph=True through this operator) is not supported; "
+                "use the pure-PyTorch path (BNN_FAST_FORCE_REFERENCE=1) for higher-order "
+                "gradients");
+  }
+}
+
+// ---- bayes_linear, bayes_linear_local, bayes_linear_flipout ------------------------------------
+//
+// All three return (y, saved) and have a *_backward(grad_out, x, weight_mu, weight_log_sigma,
+// bias_log_sigma, saved, seed, n_samples, output_mask) giving the five input gradients. `saved`
+// never receives a gradient.
+
+struct LinearOp {
+  const char* name;
+  const char* schema;           // "bnn_fast::<name>"
+  const char* backward_schema;  // "bnn_fast::<name>_backward"
+};
+
+constexpr LinearOp kReparam{"bayes_linear", "bnn_fast::bayes_linear", "bnn_fast::bayes_linear_backward"};
+constexpr LinearOp kLocal{"bayes_linear_local", "bnn_fast::bayes_linear_local",
+                          "bnn_fast::bayes_linear_local_backward"};
+constexpr LinearOp kFlipout{"bayes_linear_flipout", "bnn_fast::bayes_linear_flipout",
+                            "bnn_fast::bayes_linear_flipout_backward"};
+
+using LinearForward = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, int64_t, int64_t);
+using LinearBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, int64_t, int64_t, std::array<bool, 5>);
+
+template <const LinearOp& Op>
+class LinearFunction : public torch::autograd::Function<LinearFunction<Op>> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_mu,
+                               const at::Tensor& w_ls, const std::optional<at::Tensor>& b_mu,
+                               const std::optional<at::Tensor>& b_ls, int64_t seed,
+                               int64_t n_samples) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow(Op.schema, "")
+                               .template typed<LinearForward>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, saved] = op.call(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples);
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["n_samples"] = n_samples;
+    ctx->saved_data["has_bias"] = b_mu.has_value();
+    // An undefined tensor stands for a missing bias_log_sigma.
+    ctx->save_for_backward({x, w_mu, w_ls, b_ls.value_or(at::Tensor()), saved});
+    ctx->mark_non_differentiable({saved});
+    // Nothing flows into `saved`: without this, autograd would allocate a zero gradient of its
+    // (weight-sized, on the CPU) shape on every backward.
+    ctx->set_materialize_grads(false);
+    return {y, saved};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad_y = grads[0];
+    variable_list none(7);
+    if (!grad_y.defined()) return none;  // nothing flowed back into y
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow(Op.backward_schema, "")
+                               .template typed<LinearBackward>();
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w_mu = saved[1], &w_ls = saved[2], &b_ls = saved[3];
+    check_no_double_backward(Op.name, {grad_y, x, w_mu, w_ls, b_ls});
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::array<bool, 5> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                   ctx->needs_input_grad(2), has_bias && ctx->needs_input_grad(3),
+                                   has_bias && ctx->needs_input_grad(4)};
+    auto [gx, gmu, gls, gbmu, gbls] =
+        op.call(grad_y, x, w_mu, w_ls,
+                b_ls.defined() ? std::optional<at::Tensor>(b_ls) : std::nullopt, saved[4],
+                ctx->saved_data["seed"].toInt(), ctx->saved_data["n_samples"].toInt(), mask);
+    if (mask[0] && gx.sizes() != x.sizes()) gx = gx.reshape(x.sizes());  // x broadcast over S
+    return {mask[0] ? gx : at::Tensor(), mask[1] ? gmu : at::Tensor(),
+            mask[2] ? gls : at::Tensor(), mask[3] ? gbmu : at::Tensor(),
+            mask[4] ? gbls : at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+template <const LinearOp& Op>
+std::tuple<at::Tensor, at::Tensor> linear_autograd(const at::Tensor& x, const at::Tensor& w_mu,
+                                                   const at::Tensor& w_ls,
+                                                   const std::optional<at::Tensor>& b_mu,
+                                                   const std::optional<at::Tensor>& b_ls,
+                                                   int64_t seed, int64_t n_samples) {
+  auto out = LinearFunction<Op>::apply(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples);
+  return {out[0], out[1]};
+}
+
+// ---- gaussian_kl -----------------------------------------------------------------------------
+
+using KlForward = at::Tensor(at::TensorList, at::TensorList, double, double);
+using KlBackward = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(
+    const at::Tensor&, at::TensorList, at::TensorList, double, double);
+
+class KlFunction : public torch::autograd::Function<KlFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, at::TensorList mu, at::TensorList log_sigma,
+                            double prior_mu, double prior_log_sigma) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("bnn_fast::gaussian_kl", "")
+                               .typed<KlForward>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor kl = op.call(mu, log_sigma, prior_mu, prior_log_sigma);
+    ctx->saved_data["n"] = int64_t(mu.size());
+    ctx->saved_data["prior_mu"] = prior_mu;
+    ctx->saved_data["prior_log_sigma"] = prior_log_sigma;
+    std::vector<at::Tensor> to_save(mu.begin(), mu.end());
+    to_save.insert(to_save.end(), log_sigma.begin(), log_sigma.end());
+    ctx->save_for_backward(to_save);
+    return kl;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("bnn_fast::gaussian_kl_backward", "")
+                               .typed<KlBackward>();
+    const variable_list saved = ctx->get_saved_variables();
+    const int64_t n = ctx->saved_data["n"].toInt();
+    const std::vector<at::Tensor> mu(saved.begin(), saved.begin() + n);
+    const std::vector<at::Tensor> log_sigma(saved.begin() + n, saved.end());
+    std::vector<at::Tensor> check{grads[0]};
+    check.insert(check.end(), saved.begin(), saved.end());
+    check_no_double_backward("gaussian_kl", check);
+    auto [gmu, gls] = op.call(grads[0], mu, log_sigma, ctx->saved_data["prior_mu"].toDouble(),
+                              ctx->saved_data["prior_log_sigma"].toDouble());
+    // One gradient per tensor of mu, then of log_sigma (the order apply() extracted them in);
+    // an input that needs none gets an undefined tensor.
+    variable_list out;
+    out.reserve(2 * n + 2);
+    for (int64_t i = 0; i < 2 * n; ++i) {
+      out.push_back(ctx->needs_input_grad(i) ? (i < n ? gmu[i] : gls[i - n]) : at::Tensor());
+    }
+    out.emplace_back();
+    out.emplace_back();
+    return out;
+  }
+};
+
+at::Tensor gaussian_kl_autograd(at::TensorList mu, at::TensorList log_sigma, double prior_mu,
+                                double prior_log_sigma) {
+  return KlFunction::apply(mu, log_sigma, prior_mu, prior_log_sigma);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnn_fast, Autograd, m) {
+  m.impl("bayes_linear", &linear_autograd<kReparam>);
+  m.impl("bayes_linear_local", &linear_autograd<kLocal>);
+  m.impl("bayes_linear_flipout", &linear_autograd<kFlipout>);
+  m.impl("gaussian_kl", &gaussian_kl_autograd);
+}
+
+}  // namespace bnn_fast
