@@ -34,6 +34,7 @@ CASES = [  # (S, x_samples, N, in, out, bias)
     # two full blocks of 256 and a part block whose length is not a multiple of 8
     (2, 1, 30, 700, 1, True),
     (3, 3, 12, 300, 2, False),
+    (2, 1, 40, 2, 603, True),
 ]
 
 
@@ -71,7 +72,8 @@ def test_gradients_equal_reference(device, dtype, S, xs, N, in_f, out_f, bias):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("wants", ["x", "weights"])
-@pytest.mark.parametrize("S,xs,N,in_f,out_f", [(2, 1, 30, 300, 1), (2, 2, 9, 40, 24), (2, 1, 3, 40, 24)])
+@pytest.mark.parametrize("S,xs,N,in_f,out_f", [(2, 1, 30, 300, 1), (2, 2, 9, 40, 24), (2, 1, 3, 40, 24),
+                                               (2, 2, 20, 3, 300)])
 def test_partial_gradients_equal_reference(device, wants, S, xs, N, in_f, out_f):
     # Only grad_x, or only the parameters' gradients: each backward path skips the other part.
     mu, ls, bmu, bls = make_layer(out_f, in_f, torch.float64, device, seed=4)
@@ -88,10 +90,10 @@ def test_partial_gradients_equal_reference(device, wants, S, xs, N, in_f, out_f)
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("out_f", [1, 3])
-def test_backward_thread_count_does_not_change_the_gradients(out_f):
-    params = make_layer(out_f, 700, torch.float32, "cpu", seed=6)
-    x = torch.randn(2, 40, 700)
+@pytest.mark.parametrize("in_f,out_f", [(700, 1), (700, 3), (2, 603)])
+def test_backward_thread_count_does_not_change_the_gradients(in_f, out_f):
+    params = make_layer(out_f, in_f, torch.float32, "cpu", seed=6)
+    x = torch.randn(2, 40, in_f)
     before = torch.get_num_threads()
     results = []
     try:
