@@ -206,6 +206,13 @@ def main(argv=None):
     # profiler, which keeps every event, and with malloc's trimming off its memory was not
     # reused (24 GB and an out-of-memory kill at 10^4 samples). Memory at each sample count is
     # taken at one fixed chunk size: flat in the sample count at a fixed chunk is the claim.
+    # Also, under the profiler glibc's heap fragmented: its event buffers landed between the
+    # freed activation blocks, so new blocks came from fresh memory (the process grew by about
+    # one chunk of activations per chunk, 20 GB and a kill at 10^5 samples, though no tensor was
+    # alive). A fixed 1 MiB mmap threshold gives every large block its own mapping, returned on
+    # free, for the memory measurements only (retain_cpu_memory below replaces it).
+    if device.type == "cpu":
+        harness.mmap_large_cpu_blocks()
     print("peak memory (one call each, under the profiler on the CPU)", flush=True)
     peaks = {s: measure_peak(runner, lambda s=s: bf_predict(s, MEMORY_CHUNK)) for s in scaling}
     default_peak = measure_peak(runner, lambda: bf_predict(article_samples))

@@ -131,6 +131,21 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
+def mmap_large_cpu_blocks(threshold: int = 1 << 20) -> bool:
+    """glibc: serve every CPU allocation of `threshold` bytes or more with its own mmap (a fixed
+    threshold; by default glibc raises it as blocks are freed and serves them from the heap).
+    Used around profiler memory measurements, where heap fragmentation grew the process without
+    bound. Returns False where there is no glibc mallopt."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+
+
 def save_figure(fig, name: str) -> Path:
     """Saves a matplotlib figure as results/<name>.png, closes it, and returns the path."""
     import matplotlib.pyplot as plt

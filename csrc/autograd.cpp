@@ -12,6 +12,7 @@
 #include <array>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace bnn_fast {
@@ -116,6 +117,40 @@ std::tuple<at::Tensor, at::Tensor> linear_autograd(const at::Tensor& x, const at
   return {out[0], out[1]};
 }
 
+// ---- bayes_linear_inference --------------------------------------------------------------------
+//
+// The forward without a backward (the Python wrapper picks it when nothing needs a gradient). Its
+// Autograd kernel says so: an input that needs a gradient gets a clear error naming it, instead of
+// PyTorch's autograd fallback (a warning, and an output without a gradient).
+using LinearInference = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&, int64_t, int64_t);
+
+at::Tensor linear_inference_autograd(const at::Tensor& x, const at::Tensor& w_mu,
+                                     const at::Tensor& w_ls, const std::optional<at::Tensor>& b_mu,
+                                     const std::optional<at::Tensor>& b_ls, int64_t seed,
+                                     int64_t n_samples) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bnn_fast::bayes_linear_inference", "")
+                             .typed<LinearInference>();
+  if (at::GradMode::is_enabled()) {
+    const std::array<std::pair<const char*, const at::Tensor*>, 5> inputs{{
+        {"x", &x},
+        {"weight_mu", &w_mu},
+        {"weight_log_sigma", &w_ls},
+        {"bias_mu", b_mu.has_value() ? &*b_mu : nullptr},
+        {"bias_log_sigma", b_ls.has_value() ? &*b_ls : nullptr},
+    }};
+    for (const auto& [name, t] : inputs) {
+      TORCH_CHECK(t == nullptr || !t->requires_grad(), "bayes_linear_inference: ", name,
+                  " requires grad, but this operator has no backward; use bnn_fast::bayes_linear "
+                  "(or run under torch.no_grad())");
+    }
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples);
+}
+
 // ---- gaussian_kl -----------------------------------------------------------------------------
 
 using KlForward = at::Tensor(at::TensorList, at::TensorList, double, double);
@@ -175,6 +210,7 @@ at::Tensor gaussian_kl_autograd(at::TensorList mu, at::TensorList log_sigma, dou
 
 TORCH_LIBRARY_IMPL(bnn_fast, Autograd, m) {
   m.impl("bayes_linear", &linear_autograd<kReparam>);
+  m.impl("bayes_linear_inference", &linear_inference_autograd);
   m.impl("bayes_linear_local", &linear_autograd<kLocal>);
   m.impl("bayes_linear_flipout", &linear_autograd<kFlipout>);
   m.impl("gaussian_kl", &gaussian_kl_autograd);

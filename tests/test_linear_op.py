@@ -268,6 +268,15 @@ def test_inference_opcheck(device, S, xs, N):
     torch.library.opcheck(torch.ops.bnn_fast.bayes_linear_inference.default, (x, mu, ls, bmu, bls, 5, S))
 
 
+def test_inference_refuses_inputs_that_need_a_gradient():
+    mu, ls, bmu, bls = make_layer(3, 4, torch.float32, "cpu")
+    x = torch.randn(1, 2, 4)
+    with pytest.raises(RuntimeError, match="bayes_linear_inference: weight_mu requires grad"):
+        torch.ops.bnn_fast.bayes_linear_inference(x, mu.requires_grad_(), ls, bmu, bls, 1, 1)
+    with torch.no_grad():  # no gradient will be taken: allowed
+        torch.ops.bnn_fast.bayes_linear_inference(x, mu, ls, bmu, bls, 1, 1)
+
+
 def test_inference_thread_count_does_not_change_the_output():
     mu, ls, bmu, bls = make_layer(70, 300, torch.float32, "cpu")
     x = torch.randn(1, 3, 300)
