@@ -212,17 +212,26 @@ void linear_fused_small_batch(const T* x, const T* mu, const T* ls, const T* b, 
   });
 }
 
-// A GEMM with a short K (in_features) is bound by writing y: with a bias, the GEMM path writes
-// y twice (the broadcast bias, then beta = 1) and reads it once. This loop writes it once.
-// Measured on the seed article's first layer (in 1, out 1000, 300 rows, 20 samples): see
-// benchmarks/bench_predictive.py.
+// Two shapes that ATen's (batched) GEMM serves badly get a direct loop over the input rows:
+// - in_features <= kDirectMaxIn: a GEMM with a short K is bound by writing y, and with a bias the
+//   GEMM path writes y twice (the broadcast bias, then beta = 1) and reads it once. The loop
+//   writes it once. (The seed article's first layer: in 1, out 1000.)
+// - out_features <= kDirectMaxOut (a regression head, a binary classifier): the GEMM degenerates
+//   into matrix-vector products, which bmm ran far below memory speed here ([6, 300, 1000] x
+//   [6, 1000, 1]: 2.4 ms, against 0.12 ms to read the input once). The loop reads each input row
+//   once and takes its `out` dot products while the row is in L1.
 constexpr int64_t kDirectMaxIn = 8;
+constexpr int64_t kDirectMaxOut = 8;
 
-// y[s, n, o] = b[s, o] + sum_k x[xs, n, k] W[s, o, k], k in order; b may be null.
+// y[s, n, o] = b[s, o] + W[s, o, :] . x[xs, n, :]; b may be null. For in <= kDirectMaxIn the
+// sum runs over k in order.
 template <typename T>
-void linear_small_in(const T* x, const T* w, const T* b, T* y, int64_t S, int64_t X, int64_t N,
-                     int64_t in, int64_t out) {
-  at::parallel_for(0, S * N, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(out, 1)),
+void linear_direct(const T* x, const T* w, const T* b, T* y, int64_t S, int64_t X, int64_t N,
+                   int64_t in, int64_t out) {
+  const bool short_in = in <= kDirectMaxIn;
+  const bool simd = use_avx2();
+  const int64_t work_per_row = std::max<int64_t>(short_in ? out : in, 1);
+  at::parallel_for(0, S * N, std::max<int64_t>(1, (1 << 14) / work_per_row),
                    [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t s = row / N, n = row % N;
@@ -230,43 +239,23 @@ void linear_small_in(const T* x, const T* w, const T* b, T* y, int64_t S, int64_
       const T* ws = w + s * out * in;
       const T* bs = b != nullptr ? b + s * out : nullptr;
       T* yr = y + row * out;
-      if (in == 1) {  // the common case (a scalar input feature): a vectorizable axpy
+      if (!short_in) {
+        for (int64_t o = 0; o < out; ++o) {
+          yr[o] = dot(ws + o * in, xr, in, simd) + (bs != nullptr ? bs[o] : T(0));
+        }
+      } else if (in == 1) {  // the common case (a scalar input feature): a vectorizable axpy
         const T x0 = xr[0];
         if (bs != nullptr) {
           for (int64_t o = 0; o < out; ++o) yr[o] = bs[o] + x0 * ws[o];
         } else {
           for (int64_t o = 0; o < out; ++o) yr[o] = x0 * ws[o];
         }
-        continue;
-      }
-      for (int64_t o = 0; o < out; ++o) {
-        T acc = bs != nullptr ? bs[o] : T(0);
-        for (int64_t k = 0; k < in; ++k) acc += xr[k] * ws[o * in + k];
-        yr[o] = acc;
-      }
-    }
-  });
-}
-
-// out_features <= kDirectMaxOut (a regression head, a binary classifier): the batched GEMM
-// degenerates into matrix-vector products, which ATen's bmm ran far below memory speed here
-// ([6, 300, 1000] x [6, 1000, 1]: 2.4 ms, against 0.12 ms to read the input once). This loop reads
-// each input row once and takes its `out` dot products while the row is in L1.
-constexpr int64_t kDirectMaxOut = 8;
-
-// y[s, n, o] = W[s, o, :] . x[xs, n, :] + b[s, o]; b may be null.
-template <typename T>
-void linear_small_out(const T* x, const T* w, const T* b, T* y, int64_t S, int64_t X, int64_t N,
-                      int64_t in, int64_t out) {
-  const bool simd = use_avx2();
-  at::parallel_for(0, S * N, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(in, 1)),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t s = row / N, n = row % N;
-      const T* xr = x + ((X == 1 ? 0 : s) * N + n) * in;
-      const T* ws = w + s * out * in;
-      for (int64_t o = 0; o < out; ++o) {
-        y[row * out + o] = dot(ws + o * in, xr, in, simd) + (b != nullptr ? b[s * out + o] : T(0));
+      } else {
+        for (int64_t o = 0; o < out; ++o) {
+          T acc = bs != nullptr ? bs[o] : T(0);
+          for (int64_t k = 0; k < in; ++k) acc += xr[k] * ws[o * in + k];
+          yr[o] = acc;
+        }
       }
     }
   });
@@ -317,10 +306,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x_in, const at::Ten
   if (in <= kDirectMaxIn || out <= kDirectMaxOut) {
     const at::Tensor x = x_in.contiguous();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_cpu", [&] {
-      const auto direct = in <= kDirectMaxIn ? linear_small_in<scalar_t> : linear_small_out<scalar_t>;
-      direct(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-             b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
-             S, x.size(0), N, in, out);
+      linear_direct(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                    b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                    y.mutable_data_ptr<scalar_t>(), S, x.size(0), N, in, out);
     });
     return {y, w};
   }
@@ -355,21 +343,31 @@ at::Tensor bayes_linear_inference_cpu(const at::Tensor& x, const at::Tensor& w_m
   return std::get<0>(forward(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples, /*keep_weight=*/false));
 }
 
-// grad_mu (+)= dW, grad_ls (+)= dW * (W - mu), one pass. The first sample writes without reading:
-// the outputs are fresh pages, and reading one first would fault it in twice.
+// grad_mu (+)= dW and grad_ls (+)= dW * (W - mu) over n elements (gmu may be dw itself). With
+// `first` the outputs are written without being read: they are fresh pages, and reading one first
+// would fault it in twice.
+template <typename T>
+void fold_weight_grads(const T* dw, const T* w, const T* mu, T* gmu, T* gls, int64_t n,
+                       bool first) {
+  if (first) {
+    for (int64_t j = 0; j < n; ++j) {
+      gmu[j] = dw[j];
+      gls[j] = dw[j] * (w[j] - mu[j]);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      gmu[j] += dw[j];
+      gls[j] += dw[j] * (w[j] - mu[j]);
+    }
+  }
+}
+
+// fold_weight_grads over a whole weight, in parallel.
 template <typename T>
 void accumulate_weight_grads(const T* dw, const T* w, const T* mu, T* gmu, T* gls, int64_t n,
                              bool first) {
   at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
-    if (first) {
-      if (gmu != dw) std::copy(dw + b, dw + e, gmu + b);  // S == 1 passes dW as grad_mu itself
-      for (int64_t j = b; j < e; ++j) gls[j] = dw[j] * (w[j] - mu[j]);
-    } else {
-      for (int64_t j = b; j < e; ++j) {
-        gmu[j] += dw[j];
-        gls[j] += dw[j] * (w[j] - mu[j]);
-      }
-    }
+    fold_weight_grads(dw + b, w + b, mu + b, gmu + b, gls + b, e - b, first);
   });
 }
 
@@ -401,20 +399,7 @@ void accumulate_weight_grads_small_batch(const T* dy, const T* x, const T* w, co
           for (int64_t j = 0; j < in; ++j) dw[j] += g * xn[j];
         }
         const T* wo = w + o * in;
-        const T* mo = mu + o * in;
-        T* gm = gmu + o * in;
-        T* gl = gls + o * in;
-        if (first) {  // write without reading: see accumulate_weight_grads
-          for (int64_t j = 0; j < in; ++j) {
-            gm[j] = dw[j];
-            gl[j] = dw[j] * (wo[j] - mo[j]);
-          }
-        } else {
-          for (int64_t j = 0; j < in; ++j) {
-            gm[j] += dw[j];
-            gl[j] += dw[j] * (wo[j] - mo[j]);
-          }
-        }
+        fold_weight_grads(dw.data(), wo, mu + o * in, gmu + o * in, gls + o * in, in, first);
         if (px != nullptr) {
           for (int64_t n = 0; n < N; ++n) {
             const T g = dy[n * out + o];
@@ -478,22 +463,8 @@ void backward_small_out(const T* dy, const T* x, const T* w, const T* mu, T* gmu
           }
         }
         for (int64_t o = 0; o < out && gmu != nullptr; ++o) {
-          const T* d = dw.data() + o * kColumnBlock;
-          const T* wo = ws + o * in;
-          const T* mo = mu + o * in + j0;
-          T* gm = gmu + o * in + j0;
-          T* gl = gls + o * in + j0;
-          if (s == 0) {  // write without reading: see accumulate_weight_grads
-            for (int64_t j = 0; j < len; ++j) {
-              gm[j] = d[j];
-              gl[j] = d[j] * (wo[j] - mo[j]);
-            }
-          } else {
-            for (int64_t j = 0; j < len; ++j) {
-              gm[j] += d[j];
-              gl[j] += d[j] * (wo[j] - mo[j]);
-            }
-          }
+          fold_weight_grads(dw.data() + o * kColumnBlock, ws + o * in, mu + o * in + j0,
+                            gmu + o * in + j0, gls + o * in + j0, len, s == 0);
         }
         if (gx == nullptr) continue;
         T* gxs = gx + (X == 1 ? 0 : s) * N * in + j0;
