@@ -127,17 +127,20 @@ class BayesLinear(Module):
         unfreeze_noise(self)
 
     def forward(self, input):
-        self._check_input(input)
+        # Parameters and buffers are read once: each read goes through nn.Module.__getattr__,
+        # and a small layer's forward is mostly Python (benchmarks/README.md).
+        weight_mu, weight_eps = self.weight_mu, self.weight_eps
+        self._check_input(input, weight_mu)
         state = sampling.current()
         if state is None:
-            x, n_samples = input.reshape(1, -1, self.in_features), 1
+            x_rows, n_samples = input.reshape(1, -1, self.in_features), 1
         else:
             x, n_samples = sampling.fold_input(input, type(self).__name__)
-        # x: [1 or S, N, *, in]; the output keeps x's middle dims: [S, N, *, out].
-        out_shape = (n_samples,) + tuple(x.shape[1:-1]) + (self.out_features,)
-        x_rows = x.reshape(x.shape[0], -1, self.in_features)
-        estimator = self._estimator_in_force()
-        dtype = _ops.kernel_dtype(input, self.weight_mu) if self.weight_eps is None else None
+            x_rows = x.reshape(x.shape[0], -1, self.in_features)
+        # Frozen noise is a weight sample: only "reparam" can use it (torchbnn's semantics).
+        frozen = weight_eps is not None
+        estimator = "reparam" if frozen else estimators.current() or self.estimator
+        dtype = None if frozen else _ops.kernel_dtype(input, weight_mu)
         if estimator != "reparam":
             y = self._forward_estimator(estimator, x_rows, n_samples, dtype)
         elif dtype is not None:
@@ -146,11 +149,14 @@ class BayesLinear(Module):
             return self._forward_reference(input)
         else:
             y = self._forward_reference_samples(x_rows, n_samples)
-        y = y.reshape(out_shape)
-        return sampling.unfold_output(y) if state is not None else y.reshape(input.shape[:-1] + (self.out_features,))
+        # y: [S, rows, out]
+        if state is None:
+            return y.reshape(input.shape[:-1] + (self.out_features,))
+        # x: [1 or S, N, *, in]; the output keeps x's middle dims, [S, N, *, out], then folds.
+        return sampling.unfold_output(y.reshape((n_samples,) + tuple(x.shape[1:-1]) + (self.out_features,)))
 
-    def _check_input(self, input):
-        check_input(self, input, self.weight_mu)
+    def _check_input(self, input, weight_mu):
+        check_input(self, input, weight_mu)
         if input.dim() == 0:
             raise ValueError(
                 f"{type(self).__name__}: input must have at least 1 dimension "
@@ -170,18 +176,13 @@ class BayesLinear(Module):
             bias = sample_gaussian(self.bias_mu, self.bias_log_sigma, self.bias_eps)
         return F.linear(input, weight, bias)
 
-    def _estimator_in_force(self):
-        # Frozen noise is a weight sample: only "reparam" can use it (torchbnn's semantics).
-        if self.weight_eps is not None:
-            return "reparam"
-        return estimators.current() or self.estimator
-
     def _forward_estimator(self, name, x, n_samples, dtype):
         """The "local" or "flipout" estimator: x [1 or S, N, in] -> [S, N, out]; the fused
         operator when `dtype` (the kernels' dtype) is given, else the PyTorch composition."""
         if dtype is not None:
             op = _ops.bayes_linear_local if name == "local" else _ops.bayes_linear_flipout
-            return op(x.to(dtype), *self._params_in(dtype), _ops.new_seed(), n_samples)
+            return op(x if x.dtype == dtype else x.to(dtype), *self._params_in(dtype),
+                      _ops.new_seed(), n_samples)
         function = estimators.local if name == "local" else estimators.flipout
         return function(x, self.weight_mu, self.weight_log_sigma, self.bias_mu, self.bias_log_sigma,
                         n_samples=n_samples, seed=new_noise_seed())
@@ -192,7 +193,8 @@ class BayesLinear(Module):
 
     def _forward_fused(self, x, n_samples, dtype):
         """The compiled operator: x [1 or S, N, in] -> [S, N, out]."""
-        return _ops.bayes_linear(x.to(dtype), *self._params_in(dtype), _ops.new_seed(), n_samples)
+        return _ops.bayes_linear(x if x.dtype == dtype else x.to(dtype), *self._params_in(dtype),
+                                 _ops.new_seed(), n_samples)
 
     def _forward_reference_samples(self, x, n_samples):
         """S weight samples in pure PyTorch (x [1 or S, N, in] -> [S, N, out]); frozen layers
