@@ -84,6 +84,20 @@ def forward_step(forward, x):
     return step
 
 
+NOT_KEPT = "bnn_fast, BNN_FAST_CPU_SAVE_WEIGHT=0"
+
+
+def without_kept_weight(step):
+    """`step` run with BNN_FAST_CPU_SAVE_WEIGHT=0 (the variable is read on every call)."""
+    def run():
+        os.environ["BNN_FAST_CPU_SAVE_WEIGHT"] = "0"
+        try:
+            return step()
+        finally:
+            del os.environ["BNN_FAST_CPU_SAVE_WEIGHT"]
+    return run
+
+
 def measure_memory(runner, layers, x, grad_out):
     """The allocator peak of one training step, and its excess over nn.Linear in weight-sized
     buffers (features * features float32)."""
@@ -96,6 +110,17 @@ def measure_memory(runner, layers, x, grad_out):
         step()  # warm-up outside the measurement
         gc.collect()
         peaks[name] = harness.peak_memory(step, runner.device)
+    if runner.device.type == "cpu":
+        # The CPU's memory mode: the forward keeps no sampled weight, the backward samples it again.
+        module, forward = layers["bnn_fast"]
+        step = without_kept_weight(train_step(module, forward, x, grad_out))
+        step()
+        gc.collect()
+        peaks[NOT_KEPT] = harness.peak_memory(step, runner.device)
+        kept = train_step(module, forward, x, grad_out)
+        label = f"CPU training step, sampled weight kept or not, {column(*MEMORY_CONFIG)}"
+        runner.measure([harness.Case(label, "bnn_fast", column(*MEMORY_CONFIG), kept),
+                        harness.Case(label, NOT_KEPT, column(*MEMORY_CONFIG), step)])
     rows = [
         [name, f"{peak / harness.MIB:.1f}", f"{(peak - peaks['nn.Linear']) / harness.MIB:.1f}",
          f"{(peak - peaks['nn.Linear']) / weight_bytes:.2f}"]
@@ -182,7 +207,8 @@ def plot(runner):
     sizes = sorted({f for f, _ in CONFIGS})
     modes = (TRAIN, FORWARD)
     fig, axes = plt.subplots(len(modes), len(sizes), figsize=(6 * len(sizes), 4.5 * len(modes)), squeeze=False)
-    names = list(dict.fromkeys(m.sub_label for m in runner.measurements))
+    train_label = f"{TRAIN} ({runner.device.type})"
+    names = list(dict.fromkeys(m.sub_label for m in runner.measurements if m.label == train_label))
     for row, mode in enumerate(modes):
         for col, features in enumerate(sizes):
             ax = axes[row][col]

@@ -296,6 +296,14 @@ def bayes_linear_flipout(
     return torch.ops.bnn_fast.bayes_linear_flipout(*args)[0]
 
 
+def cpu_keeps_weight() -> bool:
+    """Whether bayes_linear's CPU forward keeps the sampled weight for its backward: yes, unless
+    the environment variable BNN_FAST_CPU_SAVE_WEIGHT is "0" (then the backward samples it again:
+    one weight-sized buffer less per training step, one noise pass more). Read on every call, by
+    the kernel as by this function."""
+    return os.environ.get("BNN_FAST_CPU_SAVE_WEIGHT") != "0"
+
+
 def _register() -> None:
     """Fake (meta) implementations of the compiled operators (their autograd formulas are C++
     kernels: csrc/autograd.cpp)."""
@@ -322,7 +330,8 @@ def _register() -> None:
         check_devices("bayes_linear", x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma)
         out_f, in_f = weight_mu.shape
         y = x.new_empty((n_samples, x.shape[1], out_f))
-        saved = weight_mu.new_empty((n_samples, out_f, in_f)) if x.device.type == "cpu" else weight_mu.new_empty((0,))
+        keeps_weight = x.device.type == "cpu" and cpu_keeps_weight()
+        saved = weight_mu.new_empty((n_samples, out_f, in_f)) if keeps_weight else weight_mu.new_empty((0,))
         return y, saved
 
     @torch.library.register_fake("bnn_fast::bayes_linear_inference")

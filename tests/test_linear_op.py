@@ -305,3 +305,43 @@ def test_inference_both_cpu_paths_equal_reference(monkeypatch, max_rows):
     x = torch.randn(2, 12, 300)
     got = torch.ops.bnn_fast.bayes_linear_inference(x, mu, ls, bmu, bls, 21, 2)
     torch.testing.assert_close(got, reference_with_kernel_noise(x, mu, ls, bmu, bls, 21, 2), **TOL[torch.float32])
+
+
+# BNN_FAST_CPU_SAVE_WEIGHT=0: the CPU forward keeps no sampled weight and the backward samples it
+# again (with one sample, into the buffer that becomes grad_log_sigma).
+@pytest.mark.parametrize("S,xs,N,in_f,out_f,bias", [(1, 1, 1, 16, 8, True), (1, 1, 40, 64, 24, False),
+                                                     (1, 1, 30, 700, 1, True), (3, 1, 4, 17, 5, True),
+                                                     (3, 3, 6, 12, 9, True)])
+def test_backward_without_kept_weight_equals_reference(monkeypatch, S, xs, N, in_f, out_f, bias):
+    monkeypatch.setenv("BNN_FAST_CPU_SAVE_WEIGHT", "0")
+    assert not _ops.cpu_keeps_weight()
+    params = [p for p in make_layer(out_f, in_f, torch.float64, "cpu", bias, seed=7) if p is not None]
+    x = torch.randn(xs, N, in_f, dtype=torch.float64)
+    y, saved = torch.ops.bnn_fast.bayes_linear(x, *make_layer(out_f, in_f, torch.float64, "cpu", bias), 3, S)
+    assert saved.shape == (0,)
+    grads = []
+    for fn in (_ops.bayes_linear, reference_with_kernel_noise):
+        leaves = [t.detach().clone().requires_grad_(True) for t in [x] + params]
+        xx, mu, ls = leaves[:3]
+        bmu, bls = (leaves[3], leaves[4]) if bias else (None, None)
+        out = fn(xx, mu, ls, bmu, bls, 11, S)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        grads.append(torch.autograd.grad((out * weights).sum(), leaves))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_without_kept_weight_passes_gradcheck_and_opcheck(monkeypatch):
+    monkeypatch.setenv("BNN_FAST_CPU_SAVE_WEIGHT", "0")
+    mu, ls, bmu, bls = make_layer(4, 5, torch.float64, "cpu", seed=2)
+    x = torch.randn(1, 3, 5, dtype=torch.float64)
+    inputs = [t.requires_grad_(True) for t in (x, mu, ls, bmu, bls)]
+    assert torch.autograd.gradcheck(lambda *a: _ops.bayes_linear(*a, 77, 1), inputs)
+    torch.library.opcheck(torch.ops.bnn_fast.bayes_linear.default, (x, mu, ls, bmu, bls, 5, 1))
+
+
+def test_saved_weight_of_the_wrong_shape_is_refused():
+    mu, ls, bmu, bls = make_layer(3, 4, torch.float32, "cpu")
+    x, g = torch.randn(1, 2, 4), torch.randn(1, 2, 3)
+    with pytest.raises(ValueError, match="saved must be the sampled weight"):
+        torch.ops.bnn_fast.bayes_linear_backward(g, x, mu, ls, bls, torch.empty(2, 3), 1, 1, [True] * 5)

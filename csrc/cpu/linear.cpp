@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "bias_grads.h"
@@ -324,13 +325,26 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x_in, const at::Ten
   return {y, w};
 }
 
+// Whether the training forward keeps the sampled weight for the backward: yes (the default), or
+// no with BNN_FAST_CPU_SAVE_WEIGHT=0, for memory: the backward then samples W again (one more
+// noise pass, see bayes_linear_backward_cpu) and the step holds one weight-sized buffer less.
+// Read on every call; the fake implementation (bnn_fast/_ops.py) reads the same variable.
+inline bool keep_weight_for_backward() {
+  const char* env = std::getenv("BNN_FAST_CPU_SAVE_WEIGHT");
+  return !(env != nullptr && std::strcmp(env, "0") == 0);
+}
+
 std::tuple<at::Tensor, at::Tensor> bayes_linear_cpu(const at::Tensor& x, const at::Tensor& w_mu,
                                                     const at::Tensor& w_ls,
                                                     const std::optional<at::Tensor>& b_mu,
                                                     const std::optional<at::Tensor>& b_ls,
                                                     int64_t seed, int64_t n_samples) {
   check_cpu_args(x, w_mu, w_ls, b_mu, b_ls, n_samples);
-  return forward(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples, /*keep_weight=*/true);
+  if (keep_weight_for_backward()) {
+    return forward(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples, /*keep_weight=*/true);
+  }
+  at::Tensor y = std::get<0>(forward(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples, false));
+  return {y, at::empty({0}, w_mu.options())};
 }
 
 // The forward without a backward: y only (see linear_fused_small_batch).
@@ -483,9 +497,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
     const at::Tensor& w_ls, const std::optional<at::Tensor>& b_ls, const at::Tensor& w,
     int64_t seed, int64_t n_samples, std::array<bool, 5> mask) {
   const int64_t S = n_samples, N = x.size(1), in = w_mu_in.size(1), out = w_mu_in.size(0);
-  TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == S && w.size(1) == out && w.size(2) == in,
+  // An empty `saved`: the forward kept no weight (BNN_FAST_CPU_SAVE_WEIGHT=0), so W is sampled
+  // again from (seed, stream 0). With several samples it is sampled whole and the backward below
+  // runs as usual; with one, see `regenerate` below.
+  const bool regenerate = w.dim() == 1 && w.numel() == 0;
+  if (regenerate && S > 1) {
+    return bayes_linear_backward_cpu(grad_in, x, w_mu_in, w_ls, b_ls,
+                                     sample(w_mu_in.contiguous(), w_ls.contiguous(), S,
+                                            uint64_t(seed), 0),
+                                     seed, n_samples, mask);
+  }
+  TORCH_CHECK_VALUE(regenerate || (w.dim() == 3 && w.size(0) == S && w.size(1) == out &&
+                                   w.size(2) == in),
                     "bayes_linear_backward: saved must be the sampled weight [", S, ", ", out,
-                    ", ", in, "], got ", w.sizes());
+                    ", ", in, "] or empty, got ", w.sizes());
   TORCH_CHECK_VALUE(grad_in.dim() == 3 && grad_in.size(0) == S && grad_in.size(1) == N &&
                         grad_in.size(2) == out,
                     "bayes_linear_backward: grad_out must have shape [", S, ", ", N, ", ", out,
@@ -498,9 +523,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
   at::Tensor gx = none(), gmu = none(), gls = none(), gbmu = none(), gbls = none();
 
   const bool weight_grads = mask[1] || mask[2];
-  const bool small_out = out <= kDirectMaxOut && (weight_grads || mask[0]);
-  const bool small_batch = !small_out && weight_grads && N >= 1 && N <= kSmallBatchRows;
-  if (small_out) {
+  const bool small_out = !regenerate && out <= kDirectMaxOut && (weight_grads || mask[0]);
+  const bool small_batch =
+      !regenerate && !small_out && weight_grads && N >= 1 && N <= kSmallBatchRows;
+  if (regenerate) {
+    // One sample: W is drawn into the buffer that becomes grad_log_sigma, so the backward holds
+    // grad_mu and grad_log_sigma and no third weight-sized buffer:
+    //   buf = W; grad_x = dy W; grad_mu = dW = dy^T x; buf[j] = dW[j] * (buf[j] - mu[j]).
+    const at::Tensor buf = sample(w_mu, w_ls.contiguous(), 1, uint64_t(seed), 0).view({out, in});
+    if (mask[0]) gx = at::mm(dy[0], buf).unsqueeze(0);
+    if (weight_grads) {
+      gmu = at::mm(dy[0].t(), x[0]);
+      AT_DISPATCH_FLOATING_TYPES(w_mu.scalar_type(), "bayes_linear_backward_cpu", [&] {
+        // elementwise, so the in-place update of buf reads each W[j] before overwriting it
+        accumulate_weight_grads(gmu.const_data_ptr<scalar_t>(), buf.const_data_ptr<scalar_t>(),
+                                w_mu.const_data_ptr<scalar_t>(), gmu.mutable_data_ptr<scalar_t>(),
+                                buf.mutable_data_ptr<scalar_t>(), w_mu.numel(), true);
+      });
+      gls = buf;
+    }
+  } else if (small_out) {
     const at::Tensor xc = x.contiguous();
     if (weight_grads) {
       gmu = empty_like_huge(w_mu);
@@ -516,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
                          in, out);
     });
   }
-  if (mask[0] && !small_batch && !small_out) {
+  if (mask[0] && !regenerate && !small_batch && !small_out) {
     gx = x.size(0) == 1
              ? at::mm(dy.transpose(0, 1).reshape({N, S * out}), w.view({S * out, in})).unsqueeze(0)
              : at::bmm(dy, w);
@@ -537,7 +579,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
             s == 0, !broadcast || s == 0);
       }
     });
-  } else if (weight_grads && !small_out) {
+  } else if (weight_grads && !small_out && !regenerate) {
     // S == 1: dW itself becomes grad_mu; otherwise one dW buffer is reused for every sample.
     at::Tensor dw = empty_like_huge(w_mu);
     gmu = S == 1 ? dw : empty_like_huge(w_mu);
