@@ -180,10 +180,6 @@ void fill_normal(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t
   fill_normal_scalar(out, n, seed, stream, start);
 }
 
-void fill_normal(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start) {
-  fill_normal(out, n, seed, stream, start, use_avx2());
-}
-
 void fill_normal_parallel(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start) {
   const bool simd = use_avx2();
   at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {

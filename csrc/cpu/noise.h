@@ -9,10 +9,7 @@ namespace bnn_fast {
 namespace cpu {
 
 // out[k] = normal(seed, stream, start + k) for k in [0, n). Single-threaded; callers split.
-void fill_normal(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start);
-
-// The same with the AVX2 decision taken by the caller (simd: use_avx2(), cpu/simd.h), for loops
-// that call it once per tile.
+// simd: use_avx2() (cpu/simd.h), taken once by the caller rather than on every tile.
 void fill_normal(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start, bool simd);
 
 // The same, split over the intra-op threads (at::parallel_for): bit-identical to fill_normal.
