@@ -33,23 +33,23 @@ void check_no_double_backward(const char* op, const std::vector<at::Tensor>& ten
   }
 }
 
+// The operator bnn_fast::<name> with its C++ signature (each call site keeps it in a static).
+template <class Signature>
+c10::TypedOperatorHandle<Signature> find_op(const std::string& name) {
+  return c10::Dispatcher::singleton()
+      .findSchemaOrThrow(("bnn_fast::" + name).c_str(), "")
+      .template typed<Signature>();
+}
+
 // ---- bayes_linear, bayes_linear_local, bayes_linear_flipout ------------------------------------
 //
 // All three return (y, saved) and have a *_backward(grad_out, x, weight_mu, weight_log_sigma,
 // bias_log_sigma, saved, seed, n_samples, output_mask) giving the five input gradients. `saved`
 // never receives a gradient.
 
-struct LinearOp {
-  const char* name;
-  const char* schema;           // "bnn_fast::<name>"
-  const char* backward_schema;  // "bnn_fast::<name>_backward"
-};
-
-constexpr LinearOp kReparam{"bayes_linear", "bnn_fast::bayes_linear", "bnn_fast::bayes_linear_backward"};
-constexpr LinearOp kLocal{"bayes_linear_local", "bnn_fast::bayes_linear_local",
-                          "bnn_fast::bayes_linear_local_backward"};
-constexpr LinearOp kFlipout{"bayes_linear_flipout", "bnn_fast::bayes_linear_flipout",
-                            "bnn_fast::bayes_linear_flipout_backward"};
+constexpr char kReparam[] = "bayes_linear";
+constexpr char kLocal[] = "bayes_linear_local";
+constexpr char kFlipout[] = "bayes_linear_flipout";
 
 using LinearForward = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
@@ -58,16 +58,14 @@ using LinearBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, const at::Tensor&, int64_t, int64_t, std::array<bool, 5>);
 
-template <const LinearOp& Op>
-class LinearFunction : public torch::autograd::Function<LinearFunction<Op>> {
+template <const char* Name>
+class LinearFunction : public torch::autograd::Function<LinearFunction<Name>> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_mu,
                                const at::Tensor& w_ls, const std::optional<at::Tensor>& b_mu,
                                const std::optional<at::Tensor>& b_ls, int64_t seed,
                                int64_t n_samples) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow(Op.schema, "")
-                               .template typed<LinearForward>();
+    static const auto op = find_op<LinearForward>(Name);
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, saved] = op.call(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples);
     ctx->saved_data["seed"] = seed;
@@ -86,12 +84,10 @@ class LinearFunction : public torch::autograd::Function<LinearFunction<Op>> {
     const at::Tensor& grad_y = grads[0];
     variable_list none(7);
     if (!grad_y.defined()) return none;  // nothing flowed back into y
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow(Op.backward_schema, "")
-                               .template typed<LinearBackward>();
+    static const auto op = find_op<LinearBackward>(std::string(Name) + "_backward");
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w_mu = saved[1], &w_ls = saved[2], &b_ls = saved[3];
-    check_no_double_backward(Op.name, {grad_y, x, w_mu, w_ls, b_ls});
+    check_no_double_backward(Name, {grad_y, x, w_mu, w_ls, b_ls});
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::array<bool, 5> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                    ctx->needs_input_grad(2), has_bias && ctx->needs_input_grad(3),
@@ -107,13 +103,13 @@ class LinearFunction : public torch::autograd::Function<LinearFunction<Op>> {
   }
 };
 
-template <const LinearOp& Op>
+template <const char* Name>
 std::tuple<at::Tensor, at::Tensor> linear_autograd(const at::Tensor& x, const at::Tensor& w_mu,
                                                    const at::Tensor& w_ls,
                                                    const std::optional<at::Tensor>& b_mu,
                                                    const std::optional<at::Tensor>& b_ls,
                                                    int64_t seed, int64_t n_samples) {
-  auto out = LinearFunction<Op>::apply(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples);
+  auto out = LinearFunction<Name>::apply(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples);
   return {out[0], out[1]};
 }
 
@@ -130,9 +126,7 @@ at::Tensor linear_inference_autograd(const at::Tensor& x, const at::Tensor& w_mu
                                      const at::Tensor& w_ls, const std::optional<at::Tensor>& b_mu,
                                      const std::optional<at::Tensor>& b_ls, int64_t seed,
                                      int64_t n_samples) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bnn_fast::bayes_linear_inference", "")
-                             .typed<LinearInference>();
+  static const auto op = find_op<LinearInference>("bayes_linear_inference");
   if (at::GradMode::is_enabled()) {
     const std::array<std::pair<const char*, const at::Tensor*>, 5> inputs{{
         {"x", &x},
@@ -161,9 +155,7 @@ class KlFunction : public torch::autograd::Function<KlFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, at::TensorList mu, at::TensorList log_sigma,
                             double prior_mu, double prior_log_sigma) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("bnn_fast::gaussian_kl", "")
-                               .typed<KlForward>();
+    static const auto op = find_op<KlForward>("gaussian_kl");
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor kl = op.call(mu, log_sigma, prior_mu, prior_log_sigma);
     ctx->saved_data["n"] = int64_t(mu.size());
@@ -176,9 +168,7 @@ class KlFunction : public torch::autograd::Function<KlFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("bnn_fast::gaussian_kl_backward", "")
-                               .typed<KlBackward>();
+    static const auto op = find_op<KlBackward>("gaussian_kl_backward");
     const variable_list saved = ctx->get_saved_variables();
     const int64_t n = ctx->saved_data["n"].toInt();
     const std::vector<at::Tensor> mu(saved.begin(), saved.begin() + n);
