@@ -136,14 +136,9 @@ def mmap_large_cpu_blocks(threshold: int = 1 << 20) -> bool:
     threshold; by default glibc raises it as blocks are freed and serves them from the heap).
     Used around profiler memory measurements, where heap fragmentation grew the process without
     bound. Returns False where there is no glibc mallopt."""
-    import ctypes
+    from bnn_fast import utils
 
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    return utils._mallopt(utils._M_MMAP_THRESHOLD, threshold)
 
 
 def save_figure(fig, name: str) -> Path:

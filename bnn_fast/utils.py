@@ -127,6 +127,11 @@ def retain_cpu_memory() -> bool:
     Returns:
         bool: True if the setting was applied (Linux with glibc), False otherwise.
     """
+    return _mallopt(_M_MMAP_THRESHOLD, 32 << 20) and _mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
+
+
+def _mallopt(parameter: int, value: int) -> bool:
+    """glibc's mallopt(parameter, value); False where it is unavailable or refuses."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -134,4 +139,4 @@ def retain_cpu_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+    return bool(mallopt(parameter, value))
