@@ -1,13 +1,14 @@
 """bnn_fast::bayes_linear_local and bnn_fast::bayes_linear_flipout: the fused operators against
 their PyTorch twins (bnn_fast.estimators.local / flipout) fed the exact noise of the RNG contract."""
-import math
 
 import pytest
 import torch
 
 import bnn_fast
 from bnn_fast import _ops, estimators
-from conftest import BAD_LINEAR_ARGS, CUDA, DEVICES, linear_args, make_layer, requires_ext
+from conftest import (
+    BAD_LINEAR_ARGS, CUDA, DEVICES, assert_closed_form_moments, linear_args, make_layer, requires_ext,
+)
 
 pytestmark = requires_ext
 
@@ -131,17 +132,8 @@ def test_s_samples_equal_the_twin_sample_by_sample(name):
 @pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_output_mean_and_variance_match_closed_form(name, device):
-    # Every estimator gives each row the exact marginal of y = x W^T + b with W ~ N(mu, sigma^2):
-    # mean x mu^T + b_mu, variance x^2 (sigma^2)^T + sigma_b^2.
-    mu, ls, bmu, bls = make_layer(3, 10, torch.float64, device, seed=4)
-    x = torch.randn(1, 2, 10, dtype=torch.float64, device=device)
-    S = 40_000
-    y = OPS[name](x, mu, ls, bmu, bls, 2025, S)  # [S, 2, 3]
-    mean = x[0] @ mu.T + bmu
-    var = (x[0] ** 2) @ torch.exp(2 * ls).T + torch.exp(2 * bls)
-    z_mean = (y.mean(0) - mean) / torch.sqrt(var / S)
-    z_var = (y.var(0) - var) / (var * math.sqrt(2 / (S - 1)))
-    assert z_mean.abs().max() < 5 and z_var.abs().max() < 5
+    # Every estimator gives each row the exact marginal of y = x W^T + b with W ~ N(mu, sigma^2).
+    assert_closed_form_moments(OPS[name], device)
 
 
 @pytest.mark.parametrize("name", OPS)

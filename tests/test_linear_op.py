@@ -1,11 +1,12 @@
 """bnn_fast::bayes_linear: the fused kernel against its pure-PyTorch twin with the same noise."""
-import math
 
 import pytest
 import torch
 
 from bnn_fast import _ops, reference
-from conftest import BAD_LINEAR_ARGS, CUDA, DEVICES, linear_args, make_layer, requires_ext
+from conftest import (
+    BAD_LINEAR_ARGS, CUDA, DEVICES, assert_closed_form_moments, linear_args, make_layer, requires_ext,
+)
 
 pytestmark = requires_ext
 
@@ -139,16 +140,7 @@ def test_opcheck(device, dtype, S, xs):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_output_mean_and_variance_match_closed_form(device):
-    # y = x W^T + b with W ~ N(mu, sigma^2): mean x mu^T + b_mu, var sum_j x_j^2 sigma_j^2 + sigma_b^2.
-    mu, ls, bmu, bls = make_layer(3, 10, torch.float64, device, seed=4)
-    x = torch.randn(1, 2, 10, dtype=torch.float64, device=device)
-    S = 40_000
-    y = _ops.bayes_linear(x, mu, ls, bmu, bls, 2025, S)  # [S, 2, 3]
-    mean = x[0] @ mu.T + bmu
-    var = (x[0] ** 2) @ torch.exp(2 * ls).T + torch.exp(2 * bls)
-    z_mean = (y.mean(0) - mean) / torch.sqrt(var / S)
-    z_var = (y.var(0) - var) / (var * math.sqrt(2 / (S - 1)))
-    assert z_mean.abs().max() < 5 and z_var.abs().max() < 5
+    assert_closed_form_moments(_ops.bayes_linear, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
