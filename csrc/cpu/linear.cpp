@@ -219,8 +219,9 @@ void linear_fused_small_batch(const T* x, const T* mu, const T* ls, const T* b, 
 //   writes it once. (The seed article's first layer: in 1, out 1000.)
 // - out_features <= kDirectMaxOut (a regression head, a binary classifier): the GEMM degenerates
 //   into matrix-vector products, which bmm ran far below memory speed here ([6, 300, 1000] x
-//   [6, 1000, 1]: 2.4 ms, against 0.12 ms to read the input once). The loop reads each input row
-//   once and takes its `out` dot products while the row is in L1.
+//   [6, 1000, 1]: 1.2 ms, against 0.06 ms to read the input once, by
+//   benchmarks/small_layer_overhead.py). The loop reads each input row once and takes its `out`
+//   dot products while the row is in L1.
 constexpr int64_t kDirectMaxIn = 8;
 constexpr int64_t kDirectMaxOut = 8;
 
