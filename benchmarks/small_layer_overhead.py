@@ -10,6 +10,8 @@ measured in the same run:
   torch.no_grad, bnn_fast against torchbnn (what a user who keeps that loop gets);
 - one chunk of 6 samples of bnn_fast.predictive on that network, split into layer 1, the ReLU
   and layer 2;
+- the backward operators of the article's two layers in its training step (500 rows; layer 1
+  without grad_x, as its input needs none), each timed alone;
 - ATen's bmm on the shape of layer 2 in that chunk ([6, 300, 1000] x [6, 1000, 1]) against
   reading its input once (a sum).
 Both libraries run under bnn_fast.utils.retain_cpu_memory().
@@ -67,6 +69,19 @@ def main():
                  "ReLU": median_us(lambda: torch.relu(hidden)),
                  "layer 2": median_us(lambda: layer2(relu))}
     print("predictive chunk of 6 samples: " + ", ".join(f"{k} {v:.0f} us" for k, v in parts.items()))
+
+    train_x = torch.linspace(-2, 2, 500).reshape(1, 500, 1)
+    backward = {}
+    with torch.no_grad():
+        for name, lay, inp, mask in (("layer 1", layer1, train_x, [False] + [True] * 4),
+                                     ("layer 2", layer2, torch.relu(layer1(train_x[0])).unsqueeze(0), [True] * 5)):
+            params = (lay.weight_mu, lay.weight_log_sigma, lay.bias_mu, lay.bias_log_sigma)
+            y, saved = torch.ops.bnn_fast.bayes_linear(inp, *params, 7, 1)
+            grad = torch.randn_like(y)
+            backward[name] = median_us(lambda inp=inp, params=params, saved=saved, grad=grad, mask=mask:
+                                       torch.ops.bnn_fast.bayes_linear_backward(
+                                           grad, inp, params[0], params[1], params[3], saved, 7, 1, mask))
+    print("training-step backward operators, alone: " + ", ".join(f"{k} {v:.0f} us" for k, v in backward.items()))
 
     a, b = torch.randn(6, 300, 1000), torch.randn(6, 1000, 1)
     print(f"bmm [6, 300, 1000] x [6, 1000, 1]: {median_us(lambda: torch.bmm(a, b)):.0f} us; "
