@@ -19,6 +19,7 @@ from . import reference
 __all__ = [
     "backend", "BackendInfo", "extension_loaded", "use_kernels", "reference_path", "kernel_dtype",
     "gaussian_kl", "normal", "bayes_linear", "bayes_linear_local", "bayes_linear_flipout", "new_seed",
+    "bayes_mlp_inference",
 ]
 
 _U64 = 1 << 64
@@ -296,6 +297,44 @@ def bayes_linear_flipout(
     return torch.ops.bnn_fast.bayes_linear_flipout(*args)[0]
 
 
+def bayes_mlp_inference(
+    x: Tensor,
+    layer1: Sequence[Optional[Tensor]],
+    seed1: int,
+    layer2: Sequence[Optional[Tensor]],
+    seed2: int,
+    n_samples: int = 1,
+) -> Tensor:
+    """Two reparameterized Bayesian linear layers with a ReLU between, in one pass without a
+    backward (the compiled CPU operator; see csrc/cpu/mlp.cpp).
+
+    Each layer samples its weights as :func:`bayes_linear` does from its own seed, so the result
+    is ``bayes_linear(relu(bayes_linear(x, *layer1, seed1)), *layer2, seed2)`` (up to the order
+    of the sums) without the hidden activations ever being written.
+
+    Args:
+        x: [n_samples or 1, N, in_features] (1: the same rows for every sample).
+        layer1: (weight_mu [hidden, in], weight_log_sigma, bias_mu [hidden] or None,
+            bias_log_sigma or None).
+        layer2: the same for [out, hidden].
+        seed1, seed2: the layers' seeds.
+    Returns:
+        [n_samples, N, out_features].
+    Raises:
+        RuntimeError: without the extension, or when an input requires grad under grad mode.
+        ValueError: on a device other than the CPU, for in_features > 8 or out_features > 8, or
+            for mismatched shapes (the message names the argument).
+        TypeError: for a dtype other than float32 / float64 or mixed dtypes.
+    """
+    if not _LOADED:
+        raise RuntimeError("bayes_mlp_inference: the compiled extension is not loaded; " + _REASON)
+    if x.device.type != "cpu":
+        raise ValueError(f"bayes_mlp_inference: only the CPU has this kernel, got x on {x.device}")
+    return torch.ops.bnn_fast.bayes_mlp_inference(
+        x, *layer1, _to_i64(seed1), *layer2, _to_i64(seed2), int(n_samples)
+    )
+
+
 def cpu_keeps_weight() -> bool:
     """Whether bayes_linear's CPU forward keeps the sampled weight for its backward: yes, unless
     the environment variable BNN_FAST_CPU_SAVE_WEIGHT is "0" (then the backward samples it again:
@@ -338,6 +377,17 @@ def _register() -> None:
     def _(x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, seed, n_samples):
         check_devices("bayes_linear_inference", x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma)
         return x.new_empty((n_samples, x.shape[1], weight_mu.shape[0]))
+
+    @torch.library.register_fake("bnn_fast::bayes_mlp_inference")
+    def _(x, weight1_mu, weight1_log_sigma, bias1_mu, bias1_log_sigma, seed1,
+          weight2_mu, weight2_log_sigma, bias2_mu, bias2_log_sigma, seed2, n_samples):
+        params = {"weight1_mu": weight1_mu, "weight1_log_sigma": weight1_log_sigma, "bias1_mu": bias1_mu,
+                  "bias1_log_sigma": bias1_log_sigma, "weight2_mu": weight2_mu,
+                  "weight2_log_sigma": weight2_log_sigma, "bias2_mu": bias2_mu, "bias2_log_sigma": bias2_log_sigma}
+        for name, t in params.items():
+            if t is not None and t.device != x.device:
+                raise ValueError(f"bayes_mlp_inference: {name} must be on {x.device} like x, got {t.device}")
+        return x.new_empty((n_samples, x.shape[1], weight2_mu.shape[0]))
 
     @torch.library.register_fake("bnn_fast::bayes_linear_local")
     def _(x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, seed, n_samples):

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import fusion
 from .sampling import sample_many
 
 __all__ = ["PredictiveResult", "ClassificationResult", "predictive", "predictive_classification"]
@@ -296,11 +297,16 @@ def _stream(
     """Draws `n_samples` outputs of `model` at `x`, passing each chunk ``[c, N, ...]`` to `consume`
     in order; returns the chunk size used."""
     batched = _supports_sampling(model)
+    # BayesLinear -> ReLU -> BayesLinear runs of an nn.Sequential in one operator (bnn_fast.fusion).
+    steps = fusion.plan(model) if batched else None
     done = 0
     with torch.no_grad(), _seeded(seed, x.device):
         if chunk_size is None:
-            # The probe chunk counts as the first sample, so no draw is wasted.
-            y, per_sample_bytes = _probe(model, x, batched)
+            # The probe chunk counts as the first sample, so no draw is wasted. It runs the
+            # modules one by one (its hooks see every activation) and does not charge the
+            # activations that a fused run never writes.
+            skip = fusion.fused_modules(steps) if steps is not None else set()
+            y, per_sample_bytes = _probe(model, x, batched, skip)
             consume(y)
             done = 1
             budget = memory_budget_mb * _MB
@@ -316,15 +322,17 @@ def _stream(
         with bar:
             while done < n_samples:
                 c = min(chunk_size, n_samples - done)
-                consume(_draw(model, x, c, batched, bar.update))
+                consume(_draw(model, x, c, batched, bar.update, steps))
                 done += c
     return chunk_size
 
 
 def _draw(model: nn.Module, x: Tensor, c: int, batched: bool,
-          advance: Callable[[int], object] = lambda n: None) -> Tensor:
+          advance: Callable[[int], object] = lambda n: None,
+          steps: Optional[list] = None) -> Tensor:
     """``c`` sampled outputs ``[c, N, ...]``: one folded forward pass, or `c` plain ones;
-    `advance(n)` is called as every n more samples are drawn."""
+    `advance(n)` is called as every n more samples are drawn. `steps`: a bnn_fast.fusion plan
+    of `model` to run instead of ``model(x)``."""
     if not batched:
         samples = []
         for _ in range(c):
@@ -332,7 +340,7 @@ def _draw(model: nn.Module, x: Tensor, c: int, batched: bool,
             advance(1)
         return torch.stack(samples)
     with sample_many(c) as state:
-        y = _as_output(model(x))
+        y = _as_output(model(x) if steps is None else fusion.run(steps, x))
     n = x.shape[0]
     if state.batch is None or y.shape[0] != c * n:
         raise RuntimeError(
@@ -353,13 +361,15 @@ def _as_output(y) -> Tensor:
     return y
 
 
-def _probe(model: nn.Module, x: Tensor, batched: bool) -> tuple[Tensor, int]:
-    """One sample ``[1, N, ...]``, and the estimated bytes one more sample of a chunk costs."""
+def _probe(model: nn.Module, x: Tensor, batched: bool,
+           skip: frozenset = frozenset()) -> tuple[Tensor, int]:
+    """One sample ``[1, N, ...]``, and the estimated bytes one more sample of a chunk costs (not
+    counting the outputs of the modules in `skip`)."""
     largest = 0
 
     def record(module, inputs, output):
         nonlocal largest
-        if isinstance(output, Tensor):
+        if isinstance(output, Tensor) and module not in skip:
             largest = max(largest, output.numel() * output.element_size())
 
     handles = [m.register_forward_hook(record) for m in model.modules()]

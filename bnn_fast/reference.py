@@ -20,6 +20,7 @@ __all__ = [
     "normal",
     "sample_weight",
     "bayes_linear",
+    "bayes_mlp",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -159,3 +160,22 @@ def bayes_linear(
         b = sample_weight(bias_mu, bias_log_sigma, bias_eps)  # [S, out]
         y = y + b.unsqueeze(-2)
     return y
+
+
+def bayes_mlp(
+    x: Tensor,
+    layer1: Sequence[Optional[Tensor]],
+    layer2: Sequence[Optional[Tensor]],
+) -> Tensor:
+    """Two reparameterized Bayesian linear layers with a ReLU between, with explicit noise: the
+    twin of ``bnn_fast::bayes_mlp_inference``.
+
+    Args:
+        x: [S or 1, N, in].
+        layer1, layer2: (weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, weight_eps,
+            bias_eps) each, as :func:`bayes_linear` takes them (the biases and bias_eps None
+            for a layer without bias).
+    Returns:
+        [S, N, out]: ``bayes_linear(relu(bayes_linear(x, *layer1)), *layer2)``.
+    """
+    return bayes_linear(torch.relu(bayes_linear(x, *layer1)), *layer2)

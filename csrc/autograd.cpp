@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <initializer_list>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -122,27 +123,60 @@ using LinearInference = at::Tensor(const at::Tensor&, const at::Tensor&, const a
                                    const std::optional<at::Tensor>&,
                                    const std::optional<at::Tensor>&, int64_t, int64_t);
 
+// Refuses an input that needs a gradient under grad mode, naming it (operators without a
+// backward). inputs: (name, tensor or null for an absent optional).
+void refuse_grad(const char* op,
+                 std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs,
+                 const char* instead) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const auto& [name, t] : inputs) {
+    TORCH_CHECK(t == nullptr || !t->requires_grad(), op, ": ", name,
+                " requires grad, but this operator has no backward; ", instead,
+                " (or run under torch.no_grad())");
+  }
+}
+
+const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
 at::Tensor linear_inference_autograd(const at::Tensor& x, const at::Tensor& w_mu,
                                      const at::Tensor& w_ls, const std::optional<at::Tensor>& b_mu,
                                      const std::optional<at::Tensor>& b_ls, int64_t seed,
                                      int64_t n_samples) {
   static const auto op = find_op<LinearInference>("bayes_linear_inference");
-  if (at::GradMode::is_enabled()) {
-    const std::array<std::pair<const char*, const at::Tensor*>, 5> inputs{{
-        {"x", &x},
-        {"weight_mu", &w_mu},
-        {"weight_log_sigma", &w_ls},
-        {"bias_mu", b_mu.has_value() ? &*b_mu : nullptr},
-        {"bias_log_sigma", b_ls.has_value() ? &*b_ls : nullptr},
-    }};
-    for (const auto& [name, t] : inputs) {
-      TORCH_CHECK(t == nullptr || !t->requires_grad(), "bayes_linear_inference: ", name,
-                  " requires grad, but this operator has no backward; use bnn_fast::bayes_linear "
-                  "(or run under torch.no_grad())");
-    }
-  }
+  refuse_grad("bayes_linear_inference",
+              {{"x", &x}, {"weight_mu", &w_mu}, {"weight_log_sigma", &w_ls},
+               {"bias_mu", opt(b_mu)}, {"bias_log_sigma", opt(b_ls)}},
+              "use bnn_fast::bayes_linear");
   at::AutoDispatchBelowADInplaceOrView guard;
   return op.call(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples);
+}
+
+// ---- bayes_mlp_inference -----------------------------------------------------------------------
+//
+// Inference only, like bayes_linear_inference.
+using MlpInference = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&, int64_t, const at::Tensor&,
+                                const at::Tensor&, const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&, int64_t, int64_t);
+
+at::Tensor mlp_inference_autograd(const at::Tensor& x, const at::Tensor& w1_mu,
+                                  const at::Tensor& w1_ls, const std::optional<at::Tensor>& b1_mu,
+                                  const std::optional<at::Tensor>& b1_ls, int64_t seed1,
+                                  const at::Tensor& w2_mu, const at::Tensor& w2_ls,
+                                  const std::optional<at::Tensor>& b2_mu,
+                                  const std::optional<at::Tensor>& b2_ls, int64_t seed2,
+                                  int64_t n_samples) {
+  static const auto op = find_op<MlpInference>("bayes_mlp_inference");
+  refuse_grad("bayes_mlp_inference",
+              {{"x", &x}, {"weight1_mu", &w1_mu}, {"weight1_log_sigma", &w1_ls},
+               {"bias1_mu", opt(b1_mu)}, {"bias1_log_sigma", opt(b1_ls)},
+               {"weight2_mu", &w2_mu}, {"weight2_log_sigma", &w2_ls},
+               {"bias2_mu", opt(b2_mu)}, {"bias2_log_sigma", opt(b2_ls)}},
+              "run the layers one by one");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(x, w1_mu, w1_ls, b1_mu, b1_ls, seed1, w2_mu, w2_ls, b2_mu, b2_ls, seed2,
+                 n_samples);
 }
 
 // ---- gaussian_kl -----------------------------------------------------------------------------
@@ -201,6 +235,7 @@ at::Tensor gaussian_kl_autograd(at::TensorList mu, at::TensorList log_sigma, dou
 TORCH_LIBRARY_IMPL(bnn_fast, Autograd, m) {
   m.impl("bayes_linear", &linear_autograd<kReparam>);
   m.impl("bayes_linear_inference", &linear_inference_autograd);
+  m.impl("bayes_mlp_inference", &mlp_inference_autograd);
   m.impl("bayes_linear_local", &linear_autograd<kLocal>);
   m.impl("bayes_linear_flipout", &linear_autograd<kFlipout>);
   m.impl("gaussian_kl", &gaussian_kl_autograd);

@@ -55,38 +55,42 @@ inline void check_gaussian_kl_args(at::TensorList mu, at::TensorList log_sigma) 
   }
 }
 
+// `layer` > 0 numbers the parameters (weight1_mu, ...) for operators that take two layers.
 inline void check_bayes_linear_args(const at::Tensor& x, const at::Tensor& w_mu,
                                     const at::Tensor& w_ls,
                                     const std::optional<at::Tensor>& b_mu,
                                     const std::optional<at::Tensor>& b_ls, int64_t n_samples,
-                                    const char* op = "bayes_linear") {
+                                    const char* op = "bayes_linear", int layer = 0) {
+  const std::string n = layer > 0 ? std::to_string(layer) : "";
+  const std::string wm = "weight" + n + "_mu", wl = "weight" + n + "_log_sigma";
+  const std::string bm = "bias" + n + "_mu", bl = "bias" + n + "_log_sigma";
   TORCH_CHECK_VALUE(n_samples >= 1, op, ": n_samples must be >= 1, got ", n_samples);
-  TORCH_CHECK_VALUE(w_mu.dim() == 2, op, ": weight_mu must be 2-D [out_features, in_features], got ",
+  TORCH_CHECK_VALUE(w_mu.dim() == 2, op, ": ", wm, " must be 2-D [out_features, in_features], got ",
                     w_mu.sizes());
-  check_same_shape(op, "weight_log_sigma", w_ls, w_mu, "weight_mu");
+  check_same_shape(op, wl.c_str(), w_ls, w_mu, wm.c_str());
   TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be 3-D [n_samples or 1, N, in_features], got ",
                     x.sizes());
   TORCH_CHECK_VALUE(x.size(0) == 1 || x.size(0) == n_samples, op,
                     ": x.size(0) must be 1 or n_samples (", n_samples, "), got ", x.size(0));
   TORCH_CHECK_VALUE(x.size(2) == w_mu.size(1), op, ": x must have last dim ", w_mu.size(1),
-                    " (in_features), got ", x.size(2));
+                    " (in_features", n.empty() ? "" : " of layer " + n, "), got ", x.size(2));
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op,
                    ": x must be a floating-point tensor, got ", x.scalar_type());
-  check_same_dtype(op, "weight_mu", w_mu, x);
-  check_same_dtype(op, "weight_log_sigma", w_ls, x);
-  check_same_device(op, "weight_mu", w_mu, x);
-  check_same_device(op, "weight_log_sigma", w_ls, x);
-  TORCH_CHECK_VALUE(b_mu.has_value() == b_ls.has_value(), op,
-                    ": bias_mu and bias_log_sigma must be given together");
+  check_same_dtype(op, wm.c_str(), w_mu, x);
+  check_same_dtype(op, wl.c_str(), w_ls, x);
+  check_same_device(op, wm.c_str(), w_mu, x);
+  check_same_device(op, wl.c_str(), w_ls, x);
+  TORCH_CHECK_VALUE(b_mu.has_value() == b_ls.has_value(), op, ": ", bm, " and ", bl,
+                    " must be given together");
   if (b_mu.has_value()) {
-    TORCH_CHECK_VALUE(b_mu->dim() == 1 && b_mu->size(0) == w_mu.size(0), op,
-                      ": bias_mu must have shape [", w_mu.size(0), "] (out_features), got ",
+    TORCH_CHECK_VALUE(b_mu->dim() == 1 && b_mu->size(0) == w_mu.size(0), op, ": ", bm,
+                      " must have shape [", w_mu.size(0), "] (out_features), got ",
                       b_mu->sizes());
-    check_same_shape(op, "bias_log_sigma", *b_ls, *b_mu, "bias_mu");
-    check_same_dtype(op, "bias_mu", *b_mu, x);
-    check_same_dtype(op, "bias_log_sigma", *b_ls, x);
-    check_same_device(op, "bias_mu", *b_mu, x);
-    check_same_device(op, "bias_log_sigma", *b_ls, x);
+    check_same_shape(op, bl.c_str(), *b_ls, *b_mu, bm.c_str());
+    check_same_dtype(op, bm.c_str(), *b_mu, x);
+    check_same_dtype(op, bl.c_str(), *b_ls, x);
+    check_same_device(op, bm.c_str(), *b_mu, x);
+    check_same_device(op, bl.c_str(), *b_ls, x);
   }
 }
 

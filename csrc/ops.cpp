@@ -41,6 +41,17 @@ TORCH_LIBRARY(bnn_fast, m) {
   m.def(
       "bayes_linear_inference(Tensor x, Tensor weight_mu, Tensor weight_log_sigma, Tensor? bias_mu, "
       "Tensor? bias_log_sigma, int seed, int n_samples) -> Tensor");
+  // Two reparameterized Bayesian linear layers with a ReLU between, without a backward (the
+  // many-sample predictive pass): y = relu(x W1_s^T + b1_s) W2_s^T + b2_s, each layer sampled
+  // exactly as bayes_linear samples it from its own seed (seed1, seed2), so the result is that of
+  // bayes_linear_inference, torch.relu, bayes_linear_inference. The hidden activations are
+  // never written. x: [S or 1, N, in]; weight1_*: [hidden, in]; weight2_*: [out, hidden].
+  // Returns [S, N, out]. CPU only, for in <= 8 and out <= 8 (see cpu/mlp.cpp).
+  m.def(
+      "bayes_mlp_inference(Tensor x, Tensor weight1_mu, Tensor weight1_log_sigma, "
+      "Tensor? bias1_mu, Tensor? bias1_log_sigma, int seed1, Tensor weight2_mu, "
+      "Tensor weight2_log_sigma, Tensor? bias2_mu, Tensor? bias2_log_sigma, int seed2, "
+      "int n_samples) -> Tensor");
   // Gradients (x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma); one not asked for in
   // output_mask comes back as an empty tensor.
   m.def(

@@ -1,0 +1,136 @@
+r"""Fused execution of ``BayesLinear -> ReLU -> BayesLinear`` runs for the many-sample pass.
+
+:func:`bnn_fast.predictive.predictive` runs a plain :class:`torch.nn.Sequential` child by child
+itself, and replaces each run of three children
+
+    BayesLinear(in_features <= 8)  ->  nn.ReLU  ->  BayesLinear(out_features <= 8)
+
+by one call of the compiled CPU operator ``bnn_fast::bayes_mlp_inference``, which computes every
+hidden activation in a register and never writes them (csrc/cpu/mlp.cpp). The layers draw their
+seeds in the order they would draw them run one by one, so the samples are the same; only the
+order of the sums differs. Everything else in the model runs as usual.
+
+Narrow ends and a wide middle are the shape of the small regression and classification networks
+that Bayesian predictive uncertainty is most often drawn for (the seed article's is 1-1000-1):
+there the hidden activations, not the arithmetic, are what a sample costs.
+
+The fusion applies only where it cannot change what the model computes:
+
+- at plan time: the model is exactly ``nn.Sequential``; the three children are exactly
+  ``BayesLinear``, ``nn.ReLU``, ``BayesLinear`` (a subclass may override ``forward``); none of
+  them, nor the model, has forward hooks or forward pre-hooks, and no global module hook is set
+  (a hook expects to see the activations);
+- at run time: the compiled kernels are in use, the input is a 2-D CPU tensor, the input and all
+  parameters share a dtype of float32 or float64, CPU autocast is off, gradients are off, neither
+  layer is frozen, and both layers' estimator (``bnn_fast.estimator`` block first) is
+  ``"reparam"``.
+
+Otherwise the three modules run one by one. ``fusion.enabled = False`` turns it off.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops, estimators, sampling
+from .modules.linear import BayesLinear
+
+__all__ = ["enabled", "MAX_IN", "MAX_OUT", "plan", "run"]
+
+#: Whether :func:`plan` fuses at all (tests and benchmarks compare both ways).
+enabled = True
+#: The operator's limits: layer 1's in_features and layer 2's out_features.
+MAX_IN = 8
+MAX_OUT = 8
+
+# A step of a plan: a module run as usual, or a fused (layer 1, relu, layer 2) triple.
+Step = Union[nn.Module, tuple]
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    state = nn.modules.module
+    return bool(getattr(state, "_global_forward_hooks", None)
+                or getattr(state, "_global_forward_pre_hooks", None))
+
+
+def _fusable(a: nn.Module, r: nn.Module, b: nn.Module) -> bool:
+    return (
+        type(a) is BayesLinear and type(r) is nn.ReLU and type(b) is BayesLinear
+        and a.in_features <= MAX_IN and b.out_features <= MAX_OUT
+        and a.out_features == b.in_features
+        and not any(_has_hooks(m) for m in (a, r, b))
+    )
+
+
+def plan(model: nn.Module) -> Optional[list[Step]]:
+    """The children of `model` as steps, fusable triples grouped; ``None`` when nothing can be
+    fused (or fusion is off, the extension missing, `model` not a plain ``nn.Sequential``, or a
+    hook set)."""
+    if not enabled or not _ops.extension_loaded() or type(model) is not nn.Sequential:
+        return None
+    if _has_hooks(model) or _global_hooks():
+        return None
+    children = list(model)
+    steps: list[Step] = []
+    i = 0
+    while i < len(children):
+        if i + 2 < len(children) and _fusable(*children[i:i + 3]):
+            steps.append(tuple(children[i:i + 3]))
+            i += 3
+        else:
+            steps.append(children[i])
+            i += 1
+    return steps if any(isinstance(step, tuple) for step in steps) else None
+
+
+def fused_modules(steps: Sequence[Step]) -> set[nn.Module]:
+    """The modules whose outputs a fused step never materializes (layer 1 and the ReLU)."""
+    return {m for step in steps if isinstance(step, tuple) for m in step[:2]}
+
+
+def run(steps: Sequence[Step], x: Tensor) -> Tensor:
+    """Runs a :func:`plan` on `x` (inside :func:`bnn_fast.sampling.sample_many`, or not)."""
+    for step in steps:
+        x = _run_fused(*step, x) if isinstance(step, tuple) else step(x)
+    return x
+
+
+def _can_fuse(a: BayesLinear, b: BayesLinear, x: Tensor) -> bool:
+    if not _ops.use_kernels() or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        return False
+    if x.dim() != 2 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if a.weight_eps is not None or b.weight_eps is not None:
+        return False  # frozen: torchbnn's fixed-noise path
+    override = estimators.current()
+    if (override or a.estimator) != "reparam" or (override or b.estimator) != "reparam":
+        return False
+    params = [p for layer in (a, b)
+              for p in (layer.weight_mu, layer.weight_log_sigma, layer.bias_mu, layer.bias_log_sigma)
+              if p is not None]
+    return all(p.dtype == x.dtype and p.device.type == "cpu" for p in params)
+
+
+def _run_fused(a: BayesLinear, r: nn.ReLU, b: BayesLinear, x: Tensor) -> Tensor:
+    if not _can_fuse(a, b, x):
+        return b(r(a(x)))
+    a._check_input(x, a.weight_mu)
+    state = sampling.current()
+    if state is None:
+        xs, n_samples = x.unsqueeze(0), 1
+    else:
+        xs, n_samples = sampling.fold_input(x, "BayesLinear")
+    # Seeds in the order the layers would draw them run one by one.
+    seed1 = _ops.new_seed()
+    seed2 = _ops.new_seed()
+    y = _ops.bayes_mlp_inference(
+        xs, (a.weight_mu, a.weight_log_sigma, a.bias_mu, a.bias_log_sigma), seed1,
+        (b.weight_mu, b.weight_log_sigma, b.bias_mu, b.bias_log_sigma), seed2, n_samples,
+    )
+    return y[0] if state is None else sampling.unfold_output(y)
