@@ -145,7 +145,8 @@ def new_seed() -> int:
 # gaussian_kl
 
 
-def gaussian_kl(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], prior_mu: float, prior_log_sigma: float) -> Tensor:
+def gaussian_kl(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], prior_mu: float, prior_log_sigma: float,
+                *, validate: bool = True) -> Tensor:
     """Summed closed-form KL(N(mu, exp(log_sigma)^2) || N(prior_mu, exp(prior_log_sigma)^2)) over
     every element of every tensor; differentiable in mus and log_sigmas.
 
@@ -153,9 +154,15 @@ def gaussian_kl(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], prior_mu: f
         mus, log_sigmas: equally long lists of tensors of equal shapes pairwise, one dtype
             (float32 or float64) and one device for all.
         prior_mu, prior_log_sigma: the prior's mean and log standard deviation (floats).
+        validate: check the arguments in Python first (errors naming mus[i] / log_sigmas[i]).
+            ``False`` skips that when the compiled operator runs (it checks them itself, with
+            messages naming mu[i] / log_sigma[i]): for callers that pass a layer's own
+            parameters on every training step.
     Returns:
         a 0-dim tensor of the tensors' dtype and device (float32 CPU zero for empty lists).
     """
+    if not validate and mus and use_kernels() and mus[0].device.type in ("cpu", "cuda"):
+        return torch.ops.bnn_fast.gaussian_kl(mus, log_sigmas, float(prior_mu), float(prior_log_sigma))
     mus, log_sigmas = list(mus), list(log_sigmas)
     if len(mus) != len(log_sigmas):
         raise ValueError(f"gaussian_kl: mus and log_sigmas must have the same length, got {len(mus)} and {len(log_sigmas)}")

@@ -88,13 +88,18 @@ at::Tensor gaussian_kl_cpu(at::TensorList mu_in, at::TensorList log_sigma_in, do
   const GaussianPrior prior = GaussianPrior::make(prior_mu, prior_log_sigma);
 
   std::vector<Span> spans;
+  int64_t total_numel = 0;
   for (size_t t = 0; t < mu.size(); ++t) {
     const int64_t n = mu[t].numel();
+    total_numel += n;
     for (int64_t b = 0; b < n; b += kChunk) spans.push_back({int64_t(t), b, std::min(n, b + kChunk)});
   }
   std::vector<double> partial(spans.size(), 0.0);
+  // A small model's few spans run on the calling thread: waking the pool costs more than they
+  // do. (Each span's sum is the same either way, and the partials are added in order.)
+  const int64_t grain = total_numel <= 2 * kChunk ? std::max<int64_t>(1, spans.size()) : 1;
   AT_DISPATCH_FLOATING_TYPES(mu[0].scalar_type(), "gaussian_kl_cpu", [&] {
-    at::parallel_for(0, int64_t(spans.size()), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, int64_t(spans.size()), grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const Span& s = spans[c];
         partial[c] = kl_sum(mu[s.tensor].const_data_ptr<scalar_t>() + s.begin,
