@@ -58,29 +58,42 @@ BNN_AVX2 inline __m256 uniform_open01_8(__m256i r) {
                        _mm256_set1_ps(kTwoPow33Inv));
 }
 
+// The ten rounds' keys (k0, k1 of each), broadcast once per fill instead of once per group.
+struct RoundKeys {
+  __m256i k[20];
+};
+
+BNN_AVX2 inline void make_round_keys(uint64_t seed, RoundKeys* keys) {
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    keys->k[2 * round] = _mm256_set1_epi32(static_cast<int>(k0));
+    keys->k[2 * round + 1] = _mm256_set1_epi32(static_cast<int>(k1));
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
 // Normals 4*first_block .. 4*first_block+31 into out[0..32). first_block % 8 == 0, so the low
 // counter word never carries within the group.
-BNN_AVX2 void normal_group_avx2(uint64_t seed, uint64_t stream, uint64_t first_block, float* out) {
+BNN_AVX2 void normal_group_avx2(const RoundKeys& keys, uint64_t stream, uint64_t first_block,
+                                float* out) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(uint32_t(first_block))), lane);
   __m256i c1 = _mm256_set1_epi32(static_cast<int>(uint32_t(first_block >> 32)));
   __m256i c2 = _mm256_set1_epi32(static_cast<int>(uint32_t(stream)));
   __m256i c3 = _mm256_set1_epi32(static_cast<int>(uint32_t(stream >> 32)));
-  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
   for (int round = 0; round < 10; ++round) {
     __m256i hi0, lo0, hi1, lo1;
     mulhilo8(c0, m0, &hi0, &lo0);
     mulhilo8(c2, m1, &hi1, &lo1);
-    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(int(k0)));
-    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(int(k1)));
+    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), keys.k[2 * round]);
+    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), keys.k[2 * round + 1]);
     c0 = n0;
     c1 = lo1;
     c2 = n2;
     c3 = lo0;
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
   }
   const __m256i r[4] = {c0, c1, c2, c3};
   __m256 z[4];
@@ -109,7 +122,10 @@ BNN_AVX2 void normal_group_avx2(uint64_t seed, uint64_t stream, uint64_t first_b
   _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(g, h, 0x31));
 }
 
-void fill_normal_avx2(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start) {
+BNN_AVX2 void fill_normal_avx2(float* out, int64_t n, uint64_t seed, uint64_t stream,
+                               uint64_t start) {
+  RoundKeys keys;
+  make_round_keys(seed, &keys);
   uint64_t i = start;
   const uint64_t end = start + static_cast<uint64_t>(n);
   while (i < end) {
@@ -117,11 +133,11 @@ void fill_normal_avx2(float* out, int64_t n, uint64_t seed, uint64_t stream, uin
     const uint64_t g_begin = group * kGroup;
     const uint64_t g_end = g_begin + kGroup;
     if (i == g_begin && g_end <= end) {
-      normal_group_avx2(seed, stream, g_begin / 4, out + (i - start));
+      normal_group_avx2(keys, stream, g_begin / 4, out + (i - start));
       i = g_end;
     } else {  // a partial group at either end of the range
       float z[kGroup];
-      normal_group_avx2(seed, stream, g_begin / 4, z);
+      normal_group_avx2(keys, stream, g_begin / 4, z);
       const uint64_t stop = std::min(end, g_end);
       std::memcpy(out + (i - start), z + (i - g_begin), (stop - i) * sizeof(float));
       i = stop;
