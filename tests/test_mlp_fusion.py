@@ -262,3 +262,22 @@ def test_run_time_conditions_fall_back_to_the_modules(why, calls):
         with torch.no_grad():
             assert fusion.run(steps, x).shape == (5, 1)
     assert calls == []
+
+
+@pytest.mark.parametrize("n_samples", [None, 5])
+def test_run_equals_the_model_in_a_loop_of_ones_own(n_samples, calls):
+    model = article_net(in_f=2, hidden=50, out_f=3)
+    x = torch.randn(7, 2)
+    steps = fusion.plan(model)
+
+    def once(fn):
+        torch.manual_seed(11)
+        with torch.no_grad():
+            if n_samples is None:
+                return fn(x)
+            with bnn_fast.sampling.sample_many(n_samples):
+                return fn(x)
+
+    fused, apart = once(lambda v: fusion.run(steps, v)), once(model)
+    assert len(calls) == 1 and fused.shape == apart.shape == ((n_samples or 1) * 7, 3)
+    torch.testing.assert_close(fused, apart, rtol=1e-5, atol=1e-5)
