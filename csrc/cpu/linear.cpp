@@ -126,13 +126,19 @@ namespace {
 // noise and the same elementwise combine). Past kFusedMaxRows input rows the dot products lose to
 // the GEMM, and the forward samples W into a temporary instead.
 constexpr int64_t kBlockWeights = 4096;  // 16 KiB of float32 weights per block
+// Without a backward (W never written) the blocked path measured faster up to 16 rows in every
+// run of bench_linear's crossover table (1.12-1.79x at 16 rows, 0.73-1.39x at 32, over two
+// sessions); the training forward, which writes W as it goes, keeps 8, where it was measured.
 constexpr int64_t kFusedMaxRows = 8;
+constexpr int64_t kFusedMaxRowsInference = 16;
 
-// kFusedMaxRows, or BNN_FAST_CPU_FUSED_MAX_ROWS when set (read on every call, so the benchmark
-// can measure both paths at every batch size: benchmarks/bench_linear.py).
-inline int64_t fused_max_rows() {
+// kFusedMaxRows (kFusedMaxRowsInference when W is not kept), or BNN_FAST_CPU_FUSED_MAX_ROWS when
+// set, for both (read on every call, so the benchmark can measure both paths at every batch
+// size: benchmarks/bench_linear.py).
+inline int64_t fused_max_rows(bool keep_weight) {
   const char* env = std::getenv("BNN_FAST_CPU_FUSED_MAX_ROWS");
-  return env != nullptr && *env != '\0' ? std::strtoll(env, nullptr, 10) : kFusedMaxRows;
+  if (env != nullptr && *env != '\0') return std::strtoll(env, nullptr, 10);
+  return keep_weight ? kFusedMaxRows : kFusedMaxRowsInference;
 }
 
 template <typename T>
@@ -285,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x_in, const at::Ten
                                         : at::Tensor();  // [S, out]
   at::Tensor y = at::empty({S, N, out}, x_in.options());
   advise_huge_pages(y);
-  if (N >= 1 && N <= fused_max_rows() && in > kDirectMaxIn) {
+  if (N >= 1 && N <= fused_max_rows(keep_weight) && in > kDirectMaxIn) {
     // Small batch: W is sampled block by block and multiplied while in L1; written once when
     // kept for the backward, never otherwise.
     const at::Tensor x = x_in.contiguous();
