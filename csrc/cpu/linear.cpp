@@ -128,7 +128,8 @@ namespace {
 constexpr int64_t kBlockWeights = 4096;  // 16 KiB of float32 weights per block
 // Without a backward (W never written) the blocked path measured faster up to 16 rows in every
 // run of bench_linear's crossover table (1.12-1.79x at 16 rows, 0.73-1.39x at 32, over two
-// sessions); the training forward, which writes W as it goes, keeps 8, where it was measured.
+// sessions); the training forward, which writes W as it goes, keeps 8 (at 12 and 16 rows its
+// forward+backward timed the same with either switch, within the machine's noise).
 constexpr int64_t kFusedMaxRows = 8;
 constexpr int64_t kFusedMaxRowsInference = 16;
 
