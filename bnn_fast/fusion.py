@@ -68,10 +68,15 @@ def _fusable(a: nn.Module, r: nn.Module, b: nn.Module) -> bool:
     )
 
 
-def plan(model: nn.Module) -> Optional[list[Step]]:
+def plan(model: nn.Module, x: Optional[Tensor] = None) -> Optional[list[Step]]:
     """The children of `model` as steps, fusable triples grouped; ``None`` when nothing can be
     fused (or fusion is off, the extension missing, `model` not a plain ``nn.Sequential``, or a
-    hook set)."""
+    hook set).
+
+    With `x`, the input the model will be run on, a triple is grouped only if the run-time
+    conditions (device, dtypes, frozen layers, estimators, autocast; not grad mode) hold for
+    it, so that a caller sizing memory from the plan (``predictive``'s chunks) does not count on
+    a fusion that will not happen. :func:`run` checks them again on every call either way."""
     if not enabled or not _ops.extension_loaded() or type(model) is not nn.Sequential:
         return None
     if _has_hooks(model) or _global_hooks():
@@ -80,7 +85,8 @@ def plan(model: nn.Module) -> Optional[list[Step]]:
     steps: list[Step] = []
     i = 0
     while i < len(children):
-        if i + 2 < len(children) and _fusable(*children[i:i + 3]):
+        if (i + 2 < len(children) and _fusable(*children[i:i + 3])
+                and (x is None or _can_fuse(children[i], children[i + 2], x, check_grad=False))):
             steps.append(tuple(children[i:i + 3]))
             i += 3
         else:
@@ -101,8 +107,10 @@ def run(steps: Sequence[Step], x: Tensor) -> Tensor:
     return x
 
 
-def _can_fuse(a: BayesLinear, b: BayesLinear, x: Tensor) -> bool:
-    if not _ops.use_kernels() or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+def _can_fuse(a: BayesLinear, b: BayesLinear, x: Tensor, check_grad: bool = True) -> bool:
+    if not _ops.use_kernels() or torch.is_autocast_enabled("cpu"):
+        return False
+    if check_grad and torch.is_grad_enabled():
         return False
     if x.dim() != 2 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False

@@ -298,7 +298,7 @@ def _stream(
     in order; returns the chunk size used."""
     batched = _supports_sampling(model)
     # BayesLinear -> ReLU -> BayesLinear runs of an nn.Sequential in one operator (bnn_fast.fusion).
-    steps = fusion.plan(model) if batched else None
+    steps = fusion.plan(model, x) if batched else None
     done = 0
     with torch.no_grad(), _seeded(seed, x.device):
         if chunk_size is None:

@@ -281,3 +281,18 @@ def test_run_equals_the_model_in_a_loop_of_ones_own(n_samples, calls):
     fused, apart = once(lambda v: fusion.run(steps, v)), once(model)
     assert len(calls) == 1 and fused.shape == apart.shape == ((n_samples or 1) * 7, 3)
     torch.testing.assert_close(fused, apart, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("why", ["frozen", "local estimator"])
+def test_a_plan_for_an_input_leaves_out_what_will_not_fuse_and_chunks_stay_in_budget(monkeypatch, why):
+    model = article_net()
+    if why == "frozen":
+        model[0].freeze()
+    else:
+        model[2].estimator = "local"
+    x = torch.linspace(-2, 2, 300).unsqueeze(1)
+    assert fusion.plan(model) is not None and fusion.plan(model, x) is None
+    # predictive sizes its chunks for the layers run one by one, as they will be.
+    chunk = predictive(model, x, 200, seed=1).chunk_size
+    monkeypatch.setattr(fusion, "enabled", False)
+    assert chunk == predictive(model, x, 200, seed=1).chunk_size < 50
