@@ -366,8 +366,12 @@ def _register() -> None:
     def _(out, seed, stream, offset):
         return None
 
-    def check_devices(op, x, *params):
-        for name, t in zip(("weight_mu", "weight_log_sigma", "bias_mu", "bias_log_sigma"), params):
+    def check_devices(op, x, *params, layers=("",)):
+        # params: (weight_mu, weight_log_sigma, bias_mu, bias_log_sigma) of each layer, named
+        # weight{layer}_mu, ... for each entry of `layers`.
+        names = [f"{kind}{layer}_{part}" for layer in layers
+                 for kind, part in (("weight", "mu"), ("weight", "log_sigma"), ("bias", "mu"), ("bias", "log_sigma"))]
+        for name, t in zip(names, params):
             if t is not None and t.device != x.device:
                 raise ValueError(f"{op}: {name} must be on {x.device} like x, got {t.device}")
 
@@ -388,12 +392,8 @@ def _register() -> None:
     @torch.library.register_fake("bnn_fast::bayes_mlp_inference")
     def _(x, weight1_mu, weight1_log_sigma, bias1_mu, bias1_log_sigma, seed1,
           weight2_mu, weight2_log_sigma, bias2_mu, bias2_log_sigma, seed2, n_samples):
-        params = {"weight1_mu": weight1_mu, "weight1_log_sigma": weight1_log_sigma, "bias1_mu": bias1_mu,
-                  "bias1_log_sigma": bias1_log_sigma, "weight2_mu": weight2_mu,
-                  "weight2_log_sigma": weight2_log_sigma, "bias2_mu": bias2_mu, "bias2_log_sigma": bias2_log_sigma}
-        for name, t in params.items():
-            if t is not None and t.device != x.device:
-                raise ValueError(f"bayes_mlp_inference: {name} must be on {x.device} like x, got {t.device}")
+        check_devices("bayes_mlp_inference", x, weight1_mu, weight1_log_sigma, bias1_mu, bias1_log_sigma,
+                      weight2_mu, weight2_log_sigma, bias2_mu, bias2_log_sigma, layers=("1", "2"))
         return x.new_empty((n_samples, x.shape[1], weight2_mu.shape[0]))
 
     @torch.library.register_fake("bnn_fast::bayes_linear_local")

@@ -39,26 +39,22 @@ def _kl(layers, reduction):
     for layer, mus, log_sigmas in layers:
         prior = (float(layer.prior_mu), float(layer.prior_log_sigma))
         for mu, log_sigma in zip(mus, log_sigmas):
-            group = groups.get(prior + (mu.dtype, mu.device))
-            if group is None:
-                group = groups[prior + (mu.dtype, mu.device)] = ([], [])
-            group[0].append(mu)
-            group[1].append(log_sigma)
+            group_mus, group_log_sigmas = groups.setdefault(prior + (mu.dtype, mu.device), ([], []))
+            group_mus.append(mu)
+            group_log_sigmas.append(log_sigma)
             numel += mu.numel()
     device = layers[0][1][0].device
     total = None
-    for (prior_mu, prior_log_sigma, dtype, group_device), (mus, log_sigmas) in groups.items():
-        if dtype not in (torch.float32, torch.float64):
-            mus, log_sigmas = _kernel_dtype(mus), _kernel_dtype(log_sigmas)
-        kl = _ops.gaussian_kl(mus, log_sigmas, prior_mu, prior_log_sigma, validate=False)
+    for (prior_mu, prior_log_sigma, _, group_device), (mus, log_sigmas) in groups.items():
+        kl = _ops.gaussian_kl(_kernel_dtype(mus), _kernel_dtype(log_sigmas), prior_mu,
+                              prior_log_sigma, validate=False)
         if group_device != device:
             kl = kl.to(device)
         total = kl if total is None else total + kl
     if reduction == "mean":
         # An exact integer count: torchbnn counts in float32, inexact past 2**24 elements.
         total = total / numel
-    if len(groups) > 1:
-        dtype = functools.reduce(torch.promote_types, (key[2] for key in groups))
+    dtype = functools.reduce(torch.promote_types, (key[2] for key in groups))
     return total if total.dtype == dtype else total.to(dtype)
 
 

@@ -108,11 +108,11 @@ def run(steps: Sequence[Step], x: Tensor) -> Tensor:
 
 
 def _can_fuse(a: BayesLinear, b: BayesLinear, x: Tensor, check_grad: bool = True) -> bool:
-    if not _ops.use_kernels() or torch.is_autocast_enabled("cpu"):
-        return False
     if check_grad and torch.is_grad_enabled():
         return False
-    if x.dim() != 2 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    # kernel_dtype: None unless the kernels are in use and take x and layer 1's weights as they
+    # are (on the CPU: float32 or float64, equal dtypes, no autocast).
+    if x.dim() != 2 or x.device.type != "cpu" or _ops.kernel_dtype(x, a.weight_mu) is None:
         return False
     if a.weight_eps is not None or b.weight_eps is not None:
         return False  # frozen: torchbnn's fixed-noise path

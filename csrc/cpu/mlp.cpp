@@ -42,8 +42,17 @@ struct SampleWeights {
   const T* b2;
 };
 
+// Hidden unit j of row xr after the ReLU: relu(v) = v < 0 ? 0 : v keeps a NaN as torch.relu
+// does.
+template <typename T>
+T hidden_unit(const T* xr, const SampleWeights<T>& w, int64_t in, int64_t hidden, int64_t j) {
+  T h = w.b1 != nullptr ? w.b1[j] : T(0);
+  for (int64_t i = 0; i < in; ++i) h += xr[i] * w.w1t[i * hidden + j];
+  return h < T(0) ? T(0) : h;
+}
+
 // Rows x[0..rows) ([rows, in], contiguous) -> y[0..rows) ([rows, out]). Sums over the hidden
-// units in order; relu(v) = v < 0 ? 0 : v keeps a NaN as torch.relu does.
+// units in order.
 template <typename T>
 void mlp_rows_scalar(const T* x, T* y, int64_t rows, const SampleWeights<T>& w, int64_t in,
                      int64_t hidden, int64_t out) {
@@ -51,9 +60,7 @@ void mlp_rows_scalar(const T* x, T* y, int64_t rows, const SampleWeights<T>& w, 
     const T* xr = x + r * in;
     std::array<T, kMaxOut> acc{};
     for (int64_t j = 0; j < hidden; ++j) {
-      T h = w.b1 != nullptr ? w.b1[j] : T(0);
-      for (int64_t i = 0; i < in; ++i) h += xr[i] * w.w1t[i * hidden + j];
-      h = h < T(0) ? T(0) : h;
+      const T h = hidden_unit(xr, w, in, hidden, j);
       for (int64_t o = 0; o < out; ++o) acc[o] += h * w.w2[o * hidden + j];
     }
     for (int64_t o = 0; o < out; ++o) y[r * out + o] = acc[o] + (w.b2 != nullptr ? w.b2[o] : T(0));
@@ -98,9 +105,7 @@ BNN_AVX2 void mlp_group_avx2(const float* const* xr, float* const* yr,
     float sum[OUT];
     for (int o = 0; o < OUT; ++o) sum[o] = hsum8(acc[r][o]);
     for (int64_t k = j; k < hidden; ++k) {
-      float v = w.b1 != nullptr ? w.b1[k] : 0.0f;
-      for (int64_t i = 0; i < in; ++i) v += xr[r][i] * w.w1t[i * hidden + k];
-      v = v < 0.0f ? 0.0f : v;
+      const float v = hidden_unit(xr[r], w, in, hidden, k);
       for (int o = 0; o < OUT; ++o) sum[o] += v * w.w2[o * hidden + k];
     }
     for (int o = 0; o < OUT; ++o) yr[r][o] = sum[o] + (w.b2 != nullptr ? w.b2[o] : 0.0f);
