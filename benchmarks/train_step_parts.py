@@ -2,8 +2,10 @@
 
 Usage: python -m benchmarks.train_step_parts
 
-For bnn_fast, torchbnn and the deterministic network of the same shapes (nn.Linear layers, MSE
-only: the floor of a drop-in Bayesian layer), milliseconds per call of
+For bnn_fast (as a drop-in, and with the one-line opt-in ``model = bnn_fast.fuse(model)``, which
+runs the whole network as one fused operator forward and backward), torchbnn and the
+deterministic network of the same shapes (nn.Linear layers, MSE only: the floor of a drop-in
+Bayesian layer), milliseconds per call of
 - fwd_nograd: the cost (MSE + 0.01 * KL) under torch.no_grad;
 - fwd: the same with autograd recording;
 - fwd_bwd: forward, zero_grad and backward;
@@ -25,7 +27,7 @@ import bnn_fast
 ROUNDS, CALLS, WARMUP = 5, 200, 20
 
 
-def cases(lib, x, y):
+def cases(lib, x, y, fuse=False):
     torch.manual_seed(0)
     mse = nn.MSELoss()
     if lib is None:
@@ -35,6 +37,8 @@ def cases(lib, x, y):
             return mse(model(x), y)
     else:
         model = nn.Sequential(lib.BayesLinear(0, 0.1, 1, 1000), nn.ReLU(), lib.BayesLinear(0, 0.1, 1000, 1))
+        if fuse:
+            model = lib.fuse(model)
         kl = lib.BKLLoss(reduction="mean", last_layer_only=False)
 
         def cost():
@@ -72,7 +76,8 @@ def main():
     torch.manual_seed(0)
     x = torch.linspace(-2, 2, 500).unsqueeze(1)
     y = x.pow(5) - 10 * x + 2 * torch.rand(x.size())
-    libs = {"bnn_fast": cases(bnn_fast, x, y), "torchbnn": cases(torchbnn, x, y), "nn.Linear": cases(None, x, y)}
+    libs = {"bnn_fast": cases(bnn_fast, x, y), "bnn_fast fuse()": cases(bnn_fast, x, y, fuse=True),
+            "torchbnn": cases(torchbnn, x, y), "nn.Linear": cases(None, x, y)}
     times = {}
     for _ in range(ROUNDS):
         for lib, fns in libs.items():

@@ -12,5 +12,6 @@ from .modules import BayesLinear, BayesConv2d, BayesBatchNorm2d, BKLLoss
 from .utils import freeze, unfreeze, transform_model
 from . import estimators
 from .estimators import estimator
+from .fusion import FusedSequential, fuse
 
 __version__ = "0.1.0"

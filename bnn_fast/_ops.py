@@ -19,7 +19,7 @@ from . import reference
 __all__ = [
     "backend", "BackendInfo", "extension_loaded", "use_kernels", "reference_path", "kernel_dtype",
     "gaussian_kl", "normal", "bayes_linear", "bayes_linear_local", "bayes_linear_flipout", "new_seed",
-    "bayes_mlp_inference",
+    "bayes_mlp_inference", "bayes_mlp",
 ]
 
 _U64 = 1 << 64
@@ -328,16 +328,38 @@ def bayes_mlp_inference(
     Returns:
         [n_samples, N, out_features].
     Raises:
-        RuntimeError: without the extension, or when an input requires grad under grad mode.
+        RuntimeError: without the extension, or when an input requires grad under grad mode
+            (:func:`bayes_mlp` has the backward).
         ValueError: on a device other than the CPU, for in_features > 8 or out_features > 8, or
             for mismatched shapes (the message names the argument).
         TypeError: for a dtype other than float32 / float64 or mixed dtypes.
     """
+    return _mlp_call("bayes_mlp_inference", x, layer1, seed1, layer2, seed2, n_samples)
+
+
+def bayes_mlp(
+    x: Tensor,
+    layer1: Sequence[Optional[Tensor]],
+    seed1: int,
+    layer2: Sequence[Optional[Tensor]],
+    seed2: int,
+    n_samples: int = 1,
+) -> Tensor:
+    """:func:`bayes_mlp_inference` with a backward (training): the same forward pass; the
+    backward samples both layers' weights again from the seeds and computes every gradient
+    without writing the hidden activations either (csrc/cpu/mlp.cpp). The gradients are those
+    of the layers run one by one with the same seeds (up to the order of the sums), and do not
+    depend on the thread count. Arguments, shapes and errors as :func:`bayes_mlp_inference`;
+    double backward raises a clear error."""
+    return _mlp_call("bayes_mlp", x, layer1, seed1, layer2, seed2, n_samples)
+
+
+def _mlp_call(name, x, layer1, seed1, layer2, seed2, n_samples):
     if not _LOADED:
-        raise RuntimeError("bayes_mlp_inference: the compiled extension is not loaded; " + _REASON)
+        raise RuntimeError(f"{name}: the compiled extension is not loaded; " + _REASON)
     if x.device.type != "cpu":
-        raise ValueError(f"bayes_mlp_inference: only the CPU has this kernel, got x on {x.device}")
-    return torch.ops.bnn_fast.bayes_mlp_inference(
+        raise ValueError(f"{name}: only the CPU has this kernel, got x on {x.device}")
+    return getattr(torch.ops.bnn_fast, name)(
         x, *layer1, _to_i64(seed1), *layer2, _to_i64(seed2), int(n_samples)
     )
 
@@ -389,12 +411,24 @@ def _register() -> None:
         check_devices("bayes_linear_inference", x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma)
         return x.new_empty((n_samples, x.shape[1], weight_mu.shape[0]))
 
-    @torch.library.register_fake("bnn_fast::bayes_mlp_inference")
-    def _(x, weight1_mu, weight1_log_sigma, bias1_mu, bias1_log_sigma, seed1,
-          weight2_mu, weight2_log_sigma, bias2_mu, bias2_log_sigma, seed2, n_samples):
-        check_devices("bayes_mlp_inference", x, weight1_mu, weight1_log_sigma, bias1_mu, bias1_log_sigma,
-                      weight2_mu, weight2_log_sigma, bias2_mu, bias2_log_sigma, layers=("1", "2"))
-        return x.new_empty((n_samples, x.shape[1], weight2_mu.shape[0]))
+    def mlp_fake(name):
+        @torch.library.register_fake(f"bnn_fast::{name}")
+        def _(x, weight1_mu, weight1_log_sigma, bias1_mu, bias1_log_sigma, seed1,
+              weight2_mu, weight2_log_sigma, bias2_mu, bias2_log_sigma, seed2, n_samples):
+            check_devices(name, x, weight1_mu, weight1_log_sigma, bias1_mu, bias1_log_sigma,
+                          weight2_mu, weight2_log_sigma, bias2_mu, bias2_log_sigma, layers=("1", "2"))
+            return x.new_empty((n_samples, x.shape[1], weight2_mu.shape[0]))
+
+    mlp_fake("bayes_mlp_inference")
+    mlp_fake("bayes_mlp")
+
+    @torch.library.register_fake("bnn_fast::bayes_mlp_backward")
+    def _(grad_y, x, weight1_mu, weight1_log_sigma, bias1_mu, bias1_log_sigma, seed1,
+          weight2_mu, weight2_log_sigma, bias2_mu, bias2_log_sigma, seed2, n_samples, output_mask):
+        inputs = (x, weight1_mu, weight1_log_sigma, bias1_mu, bias1_log_sigma,
+                  weight2_mu, weight2_log_sigma, bias2_mu, bias2_log_sigma)
+        return tuple(torch.empty_like(t) if needed and t is not None else x.new_empty((0,))
+                     for t, needed in zip(inputs, output_mask))
 
     @torch.library.register_fake("bnn_fast::bayes_linear_local")
     def _(x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma, seed, n_samples):

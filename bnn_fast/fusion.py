@@ -1,14 +1,24 @@
-r"""Fused execution of ``BayesLinear -> ReLU -> BayesLinear`` runs for the many-sample pass.
+r"""Fused execution of ``BayesLinear -> ReLU -> BayesLinear`` runs, for prediction and training.
 
-:func:`bnn_fast.predictive.predictive` runs a plain :class:`torch.nn.Sequential` child by child
-itself, and replaces each run of three children
+A run of three children of a plain :class:`torch.nn.Sequential`
 
     BayesLinear(in_features <= 8)  ->  nn.ReLU  ->  BayesLinear(out_features <= 8)
 
-by one call of the compiled CPU operator ``bnn_fast::bayes_mlp_inference``, which computes every
-hidden activation in a register and never writes them (csrc/cpu/mlp.cpp). The layers draw their
-seeds in the order they would draw them run one by one, so the samples are the same; only the
-order of the sums differs. Everything else in the model runs as usual.
+can be computed by one compiled CPU operator that keeps every hidden activation in a register
+and never writes them (csrc/cpu/mlp.cpp): ``bnn_fast::bayes_mlp_inference`` without gradients,
+``bnn_fast::bayes_mlp`` with them (its backward samples the weights again from the seeds and
+computes every gradient the same way). The layers draw their seeds in the order they would draw
+them run one by one, so the samples are the same; only the order of the sums differs.
+Everything else in the model runs as usual.
+
+Two places use it:
+
+- :func:`bnn_fast.predictive` runs a plain ``nn.Sequential`` child by child itself and fuses
+  each such run (prediction needs no change to the model);
+- :class:`FusedSequential` (or :func:`fuse`, which makes one from an ``nn.Sequential``) is an
+  ``nn.Sequential`` whose forward does the same, with or without gradients: the one-line
+  opt-in for training. It holds the same modules, so parameters, ``state_dict`` keys (torchbnn
+  checkpoints load as they are) and the KL are those of the ``nn.Sequential``.
 
 Narrow ends and a wide middle are the shape of the small regression and classification networks
 that Bayesian predictive uncertainty is most often drawn for (the seed article's is 1-1000-1):
@@ -16,19 +26,19 @@ there the hidden activations, not the arithmetic, are what a sample costs.
 
 The fusion applies only where it cannot change what the model computes:
 
-- at plan time: the model is exactly ``nn.Sequential``; the three children are exactly
-  ``BayesLinear``, ``nn.ReLU``, ``BayesLinear`` (a subclass may override ``forward``); none of
-  them, nor the model, has forward hooks or forward pre-hooks, and no global module hook is set
-  (a hook expects to see the activations);
+- at plan time: the model is exactly ``nn.Sequential`` or :class:`FusedSequential`; the three
+  children are exactly ``BayesLinear``, ``nn.ReLU``, ``BayesLinear`` (a subclass may override
+  ``forward``); none of them, nor the model, has forward hooks or forward pre-hooks, and no
+  global module hook is set (a hook expects to see the activations);
 - at run time: the compiled kernels are in use, the input is a 2-D CPU tensor, the input and all
-  parameters share a dtype of float32 or float64, CPU autocast is off, gradients are off, neither
-  layer is frozen, and both layers' estimator (``bnn_fast.estimator`` block first) is
-  ``"reparam"``.
+  parameters share a dtype of float32 or float64, CPU autocast is off, neither layer is frozen,
+  and both layers' estimator (``bnn_fast.estimator`` block first) is ``"reparam"``.
 
 Otherwise the three modules run one by one. ``fusion.enabled = False`` turns it off.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Sequence, Union
 
 import torch
@@ -37,7 +47,7 @@ from torch import Tensor, nn
 from . import _ops, estimators, sampling
 from .modules.linear import BayesLinear
 
-__all__ = ["enabled", "MAX_IN", "MAX_OUT", "plan", "run"]
+__all__ = ["enabled", "MAX_IN", "MAX_OUT", "plan", "run", "FusedSequential", "fuse"]
 
 #: Whether :func:`plan` fuses at all (tests and benchmarks compare both ways).
 enabled = True
@@ -74,10 +84,9 @@ def plan(model: nn.Module, x: Optional[Tensor] = None) -> Optional[list[Step]]:
     hook set).
 
     With `x`, the input the model will be run on, a triple is grouped only if the run-time
-    conditions (device, dtypes, frozen layers, estimators, autocast; not grad mode) hold for
-    it, so that a caller sizing memory from the plan (``predictive``'s chunks) does not count on
+    conditions (device, dtypes, frozen layers, estimators, autocast) hold for it, so that a caller sizing memory from the plan (``predictive``'s chunks) does not count on
     a fusion that will not happen. :func:`run` checks them again on every call either way."""
-    if not enabled or not _ops.extension_loaded() or type(model) is not nn.Sequential:
+    if not enabled or not _ops.extension_loaded() or type(model) not in (nn.Sequential, FusedSequential):
         return None
     if _has_hooks(model) or _global_hooks():
         return None
@@ -86,7 +95,7 @@ def plan(model: nn.Module, x: Optional[Tensor] = None) -> Optional[list[Step]]:
     i = 0
     while i < len(children):
         if (i + 2 < len(children) and _fusable(*children[i:i + 3])
-                and (x is None or _can_fuse(children[i], children[i + 2], x, check_grad=False))):
+                and (x is None or _can_fuse(children[i], children[i + 2], x))):
             steps.append(tuple(children[i:i + 3]))
             i += 3
         else:
@@ -107,9 +116,7 @@ def run(steps: Sequence[Step], x: Tensor) -> Tensor:
     return x
 
 
-def _can_fuse(a: BayesLinear, b: BayesLinear, x: Tensor, check_grad: bool = True) -> bool:
-    if check_grad and torch.is_grad_enabled():
-        return False
+def _can_fuse(a: BayesLinear, b: BayesLinear, x: Tensor) -> bool:
     # kernel_dtype: None unless the kernels are in use and take x and layer 1's weights as they
     # are (on the CPU: float32 or float64, equal dtypes, no autocast).
     if x.dim() != 2 or x.device.type != "cpu" or _ops.kernel_dtype(x, a.weight_mu) is None:
@@ -134,11 +141,48 @@ def _run_fused(a: BayesLinear, r: nn.ReLU, b: BayesLinear, x: Tensor) -> Tensor:
         xs, n_samples = x.unsqueeze(0), 1
     else:
         xs, n_samples = sampling.fold_input(x, "BayesLinear")
+    layer1 = (a.weight_mu, a.weight_log_sigma, a.bias_mu, a.bias_log_sigma)
+    layer2 = (b.weight_mu, b.weight_log_sigma, b.bias_mu, b.bias_log_sigma)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(p is not None and p.requires_grad for p in layer1 + layer2))
     # Seeds in the order the layers would draw them run one by one.
     seed1 = _ops.new_seed()
     seed2 = _ops.new_seed()
-    y = _ops.bayes_mlp_inference(
-        xs, (a.weight_mu, a.weight_log_sigma, a.bias_mu, a.bias_log_sigma), seed1,
-        (b.weight_mu, b.weight_log_sigma, b.bias_mu, b.bias_log_sigma), seed2, n_samples,
-    )
+    op = _ops.bayes_mlp if needs_grad else _ops.bayes_mlp_inference
+    y = op(xs, layer1, seed1, layer2, seed2, n_samples)
     return y[0] if state is None else sampling.unfold_output(y)
+
+
+class FusedSequential(nn.Sequential):
+    """An :class:`torch.nn.Sequential` that runs each ``BayesLinear(in_features <= 8) ->
+    nn.ReLU -> BayesLinear(out_features <= 8)`` run of its children as one fused CPU operator,
+    forward and backward (see the module docstring for when it applies; elsewhere it is an
+    ``nn.Sequential``). Build it as an ``nn.Sequential``, or with :func:`fuse`.
+
+    Shape: as the children's (the fused run takes ``[N, in_features]`` and gives
+    ``[N, out_features]``).
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        steps = plan(self)
+        return run(steps, input) if steps is not None else super().forward(input)
+
+
+def fuse(model: nn.Sequential) -> FusedSequential:
+    """A :class:`FusedSequential` holding `model`'s children under the same names (the same
+    module objects: parameters are shared, the ``state_dict`` keys are the same, an optimizer
+    built on ``model.parameters()`` trains it) in `model`'s training mode. The one-line opt-in
+    that fuses training too: ``model = bnn_fast.fuse(model)``.
+
+    Raises:
+        TypeError: when `model` is not an ``nn.Sequential`` (for a custom module, fuse the
+            ``nn.Sequential`` inside it: ``self.body = bnn_fast.fuse(self.body)``).
+    """
+    if isinstance(model, FusedSequential):
+        return model
+    if type(model) is not nn.Sequential:
+        raise TypeError(f"fuse: model must be an nn.Sequential, got {type(model).__name__} "
+                        "(fuse the nn.Sequential inside a custom module instead)")
+    fused = FusedSequential(OrderedDict(model.named_children()))
+    fused.train(model.training)
+    return fused

@@ -179,6 +179,83 @@ at::Tensor mlp_inference_autograd(const at::Tensor& x, const at::Tensor& w1_mu,
                  n_samples);
 }
 
+// ---- bayes_mlp -------------------------------------------------------------------------------
+//
+// Saves the inputs and the seeds; the backward operator samples the weights again.
+using MlpBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                               at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, int64_t, int64_t, std::array<bool, 9>);
+
+std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+class MlpFunction : public torch::autograd::Function<MlpFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1_mu,
+                            const at::Tensor& w1_ls, const std::optional<at::Tensor>& b1_mu,
+                            const std::optional<at::Tensor>& b1_ls, int64_t seed1,
+                            const at::Tensor& w2_mu, const at::Tensor& w2_ls,
+                            const std::optional<at::Tensor>& b2_mu,
+                            const std::optional<at::Tensor>& b2_ls, int64_t seed2,
+                            int64_t n_samples) {
+    static const auto op = find_op<MlpInference>("bayes_mlp");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor y = op.call(x, w1_mu, w1_ls, b1_mu, b1_ls, seed1, w2_mu, w2_ls, b2_mu, b2_ls,
+                           seed2, n_samples);
+    ctx->saved_data["seed1"] = seed1;
+    ctx->saved_data["seed2"] = seed2;
+    ctx->saved_data["n_samples"] = n_samples;
+    // Undefined tensors stand for absent biases.
+    ctx->save_for_backward({x, w1_mu, w1_ls, b1_mu.value_or(at::Tensor()),
+                            b1_ls.value_or(at::Tensor()), w2_mu, w2_ls,
+                            b2_mu.value_or(at::Tensor()), b2_ls.value_or(at::Tensor())});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<MlpBackward>("bayes_mlp_backward");
+    const at::Tensor& grad_y = grads[0];
+    const variable_list s = ctx->get_saved_variables();
+    check_no_double_backward("bayes_mlp", {grad_y, s[0], s[1], s[2], s[3], s[4], s[5], s[6],
+                                           s[7], s[8]});
+    // needs_input_grad counts the tensors passed (an absent bias is no input edge); the
+    // returned list has one entry per argument of apply(): x, w1_mu, w1_ls, b1_mu, b1_ls, seed1,
+    // w2_mu, w2_ls, b2_mu, b2_ls, seed2, n_samples. The tensors' positions in it:
+    constexpr std::array<int, 9> input{0, 1, 2, 3, 4, 6, 7, 8, 9};
+    std::array<bool, 9> mask{};
+    size_t edge = 0;
+    for (size_t k = 0; k < 9; ++k) {
+      if (s[k].defined()) mask[k] = ctx->needs_input_grad(edge++);
+    }
+    auto g = op.call(grad_y, s[0], s[1], s[2], defined_or_none(s[3]), defined_or_none(s[4]),
+                     ctx->saved_data["seed1"].toInt(), s[5], s[6], defined_or_none(s[7]),
+                     defined_or_none(s[8]), ctx->saved_data["seed2"].toInt(),
+                     ctx->saved_data["n_samples"].toInt(), mask);
+    const std::array<at::Tensor, 9> got{std::get<0>(g), std::get<1>(g), std::get<2>(g),
+                                        std::get<3>(g), std::get<4>(g), std::get<5>(g),
+                                        std::get<6>(g), std::get<7>(g), std::get<8>(g)};
+    variable_list out(12);
+    for (size_t k = 0; k < 9; ++k) {
+      if (mask[k]) out[input[k]] = got[k];  // gx has x's shape [S or 1, N, in]
+    }
+    return out;
+  }
+};
+
+at::Tensor mlp_autograd(const at::Tensor& x, const at::Tensor& w1_mu, const at::Tensor& w1_ls,
+                        const std::optional<at::Tensor>& b1_mu,
+                        const std::optional<at::Tensor>& b1_ls, int64_t seed1,
+                        const at::Tensor& w2_mu, const at::Tensor& w2_ls,
+                        const std::optional<at::Tensor>& b2_mu,
+                        const std::optional<at::Tensor>& b2_ls, int64_t seed2, int64_t n_samples) {
+  return MlpFunction::apply(x, w1_mu, w1_ls, b1_mu, b1_ls, seed1, w2_mu, w2_ls, b2_mu, b2_ls,
+                            seed2, n_samples);
+}
+
 // ---- gaussian_kl -----------------------------------------------------------------------------
 
 using KlForward = at::Tensor(at::TensorList, at::TensorList, double, double);
@@ -236,6 +313,7 @@ TORCH_LIBRARY_IMPL(bnn_fast, Autograd, m) {
   m.impl("bayes_linear", &linear_autograd<kReparam>);
   m.impl("bayes_linear_inference", &linear_inference_autograd);
   m.impl("bayes_mlp_inference", &mlp_inference_autograd);
+  m.impl("bayes_mlp", &mlp_autograd);
   m.impl("bayes_linear_local", &linear_autograd<kLocal>);
   m.impl("bayes_linear_flipout", &linear_autograd<kFlipout>);
   m.impl("gaussian_kl", &gaussian_kl_autograd);

@@ -52,6 +52,20 @@ TORCH_LIBRARY(bnn_fast, m) {
       "Tensor? bias1_mu, Tensor? bias1_log_sigma, int seed1, Tensor weight2_mu, "
       "Tensor weight2_log_sigma, Tensor? bias2_mu, Tensor? bias2_log_sigma, int seed2, "
       "int n_samples) -> Tensor");
+  // The same two layers with a backward (training): the forward is bayes_mlp_inference's pass;
+  // the backward samples both layers' weights again from (seed1, seed2), so nothing but the
+  // inputs is saved. Gradients (x, weight1_mu, weight1_log_sigma, bias1_mu, bias1_log_sigma,
+  // weight2_mu, ..., bias2_log_sigma); one not asked for in output_mask comes back empty.
+  m.def(
+      "bayes_mlp(Tensor x, Tensor weight1_mu, Tensor weight1_log_sigma, Tensor? bias1_mu, "
+      "Tensor? bias1_log_sigma, int seed1, Tensor weight2_mu, Tensor weight2_log_sigma, "
+      "Tensor? bias2_mu, Tensor? bias2_log_sigma, int seed2, int n_samples) -> Tensor");
+  m.def(
+      "bayes_mlp_backward(Tensor grad_y, Tensor x, Tensor weight1_mu, Tensor weight1_log_sigma, "
+      "Tensor? bias1_mu, Tensor? bias1_log_sigma, int seed1, Tensor weight2_mu, "
+      "Tensor weight2_log_sigma, Tensor? bias2_mu, Tensor? bias2_log_sigma, int seed2, "
+      "int n_samples, bool[9] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor)");
   // Gradients (x, weight_mu, weight_log_sigma, bias_mu, bias_log_sigma); one not asked for in
   // output_mask comes back as an empty tensor.
   m.def(
