@@ -2,6 +2,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -9,6 +11,14 @@
 #include <vector>
 
 namespace bnn_fast {
+
+// Held by every kernel entry that calls ATen operators. The bnn_fast operators have no Autocast
+// kernel: under torch.autocast the Autocast key falls through to them and stays in the thread's
+// included set, so at::bmm, at::exp, ... inside a kernel would run in half or bfloat16 while the
+// raw-pointer code reads their results as the input's dtype. (The layers cast their inputs to
+// the autocast dtype before calling; this matters for direct calls of the operators.)
+#define BNN_NO_AUTOCAST() \
+  const c10::impl::ExcludeDispatchKeyGuard bnn_no_autocast_(c10::autocast_dispatch_keyset)
 
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
                               const at::Tensor& ref) {

@@ -59,6 +59,7 @@ std::tuple<at::Tensor, at::Tensor> local_forward(const at::Tensor& x_in, const a
                                                  const std::optional<at::Tensor>& b_mu,
                                                  const std::optional<at::Tensor>& b_ls,
                                                  int64_t seed, int64_t n_samples) {
+  BNN_NO_AUTOCAST();
   const char* op = "bayes_linear_local";
   check_bayes_linear_args(x_in, w_mu, w_ls, b_mu, b_ls, n_samples, op);
   Kernels::check_dtype(x_in, op);
@@ -83,6 +84,7 @@ Grads local_backward(const at::Tensor& grad, const at::Tensor& x_in, const at::T
                      const at::Tensor& w_ls, const std::optional<at::Tensor>& b_ls,
                      const at::Tensor& var_in, int64_t seed, int64_t n_samples,
                      std::array<bool, 5> mask) {
+  BNN_NO_AUTOCAST();
   const char* op = "bayes_linear_local_backward";
   const int64_t S = n_samples, X = x_in.size(0), N = x_in.size(1), in = x_in.size(2);
   const int64_t out = w_mu_in.size(0);
@@ -127,6 +129,7 @@ std::tuple<at::Tensor, at::Tensor> flipout_forward(const at::Tensor& x_in, const
                                                    const std::optional<at::Tensor>& b_mu,
                                                    const std::optional<at::Tensor>& b_ls,
                                                    int64_t seed, int64_t n_samples) {
+  BNN_NO_AUTOCAST();
   const char* op = "bayes_linear_flipout";
   check_bayes_linear_args(x_in, w_mu, w_ls, b_mu, b_ls, n_samples, op);
   Kernels::check_dtype(x_in, op);
@@ -152,6 +155,7 @@ Grads flipout_backward(const at::Tensor& grad, const at::Tensor& x_in, const at:
                        const at::Tensor& w_ls, const std::optional<at::Tensor>& b_ls,
                        const at::Tensor& saved, int64_t seed, int64_t n_samples,
                        std::array<bool, 5> mask) {
+  BNN_NO_AUTOCAST();
   const char* op = "bayes_linear_flipout_backward";
   const int64_t S = n_samples, X = x_in.size(0), N = x_in.size(1), in = x_in.size(2);
   const int64_t out = w_mu_in.size(0);

@@ -253,3 +253,36 @@ def test_cuda_low_precision_against_float32(name, dtype):
     lp = [t.to(dtype) for t in (x, mu, ls, bmu, bls)]
     torch_lp = twin(name, *lp, 4, 2).float()
     assert (got - want).abs().max() <= 2 * (torch_lp - want).abs().max() + 1e-2
+
+
+# Direct operator calls under autocast: the kernels' internal ATen calls (bmm, exp, ...) must run
+# in the inputs' dtype, not autocast's, or the raw-pointer code would read bfloat16 results as
+# float (the operators have no Autocast kernel, so the key falls through to them).
+AUTOCAST_OPS = ["bayes_linear", "bayes_linear_inference", "bayes_linear_local", "bayes_linear_flipout",
+                "bayes_mlp", "bayes_mlp_inference"]
+
+
+@pytest.mark.parametrize("name", AUTOCAST_OPS)
+@pytest.mark.parametrize("N", [3, 40])  # the small-batch and the GEMM paths
+def test_direct_calls_under_cpu_autocast_compute_in_the_input_dtype(name, N):
+    op = getattr(torch.ops.bnn_fast, name)
+    if name.startswith("bayes_mlp"):
+        layer1, layer2 = make_layer(50, 3, torch.float32, "cpu", seed=1), make_layer(2, 50, torch.float32, "cpu", seed=2)
+        args = (torch.randn(2, N, 3), *layer1, 5, *layer2, 6, 2)
+    else:
+        args = (torch.randn(2, N, 70), *make_layer(60, 70, torch.float32, "cpu"), 5, 2)
+    plain = op(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = op(*args)
+    plain, under = (t[0] if isinstance(t, tuple) else t for t in (plain, under))
+    assert under.dtype == torch.float32
+    assert torch.equal(under, plain)
+    if name in ("bayes_linear", "bayes_linear_local", "bayes_linear_flipout", "bayes_mlp"):
+        leaves = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+        out = op(*leaves)
+        out = out[0] if isinstance(out, tuple) else out
+        grad_y = torch.randn_like(out)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = torch.autograd.grad(out, leaves[0], grad_y, retain_graph=True)[0]
+        want = torch.autograd.grad(out, leaves[0], grad_y)[0]
+        assert got.dtype == torch.float32 and torch.equal(got, want)

@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import bnn_fast
+from conftest import requires_ext
 
 pytest.importorskip("matplotlib")
 
@@ -27,6 +31,23 @@ def test_main_trains_and_saves_the_figure(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "training: 40 steps" in printed and "prediction: 100 samples" in printed
     assert f"figure: {out.resolve()}" in printed
+    # Fused where the kernels run (not under BNN_FAST_FORCE_REFERENCE or without the extension).
+    fusable = bnn_fast.fusion.plan(regression.make_model(), torch.zeros(1, 1)) is not None
+    assert f"fused training: {'yes' if fusable else 'no'}" in printed
+
+
+@requires_ext
+def test_no_fuse_trains_the_sequential_layer_by_layer(tmp_path, capsys, monkeypatch):
+    calls = []
+    original = bnn_fast._ops.bayes_mlp
+    monkeypatch.setattr(bnn_fast._ops, "bayes_mlp", lambda *a: calls.append(1) or original(*a))
+    args = ["--steps", "20", "--samples", "20", "--device", "cpu", "--out", str(tmp_path / "fit.png"),
+            "--no-progress"]
+    run = regression.main(args + ["--no-fuse"])
+    assert calls == [] and "fused training: no" in capsys.readouterr().out
+    assert len(run.losses) == 20
+    regression.main(args)
+    assert len(calls) == 20
 
 
 def test_module_runs_from_the_command_line_with_the_default_output(tmp_path):
@@ -44,7 +65,7 @@ def test_module_runs_from_the_command_line_with_the_default_output(tmp_path):
 
 
 @pytest.mark.parametrize("estimator", ["local", "flipout"])
-def test_each_estimator_trains(tmp_path, estimator, monkeypatch):
+def test_each_estimator_trains(tmp_path, estimator, monkeypatch, capsys):
     used = []
     make_model = regression.make_model
 
@@ -57,6 +78,7 @@ def test_each_estimator_trains(tmp_path, estimator, monkeypatch):
     run = regression.main(["--steps", "40", "--samples", "50", "--device", "cpu", "--estimator",
                            estimator, "--out", str(tmp_path / "fit.png"), "--no-progress"])
     assert used == [estimator, estimator]
+    assert "fused training: no" in capsys.readouterr().out  # the fused operator is reparam only
     first, last = sum(run.losses[:10]) / 10, sum(run.losses[-10:]) / 10
     assert last < first, (first, last)
 

@@ -347,6 +347,7 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_cpu(const at::Tensor& x, const a
                                                     const std::optional<at::Tensor>& b_mu,
                                                     const std::optional<at::Tensor>& b_ls,
                                                     int64_t seed, int64_t n_samples) {
+  BNN_NO_AUTOCAST();
   check_cpu_args(x, w_mu, w_ls, b_mu, b_ls, n_samples);
   if (keep_weight_for_backward()) {
     return forward(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples, /*keep_weight=*/true);
@@ -361,6 +362,7 @@ at::Tensor bayes_linear_inference_cpu(const at::Tensor& x, const at::Tensor& w_m
                                       const std::optional<at::Tensor>& b_mu,
                                       const std::optional<at::Tensor>& b_ls, int64_t seed,
                                       int64_t n_samples) {
+  BNN_NO_AUTOCAST();
   check_cpu_args(x, w_mu, w_ls, b_mu, b_ls, n_samples);
   return std::get<0>(forward(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples, /*keep_weight=*/false));
 }
@@ -504,6 +506,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
     const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& w_mu_in,
     const at::Tensor& w_ls, const std::optional<at::Tensor>& b_ls, const at::Tensor& w,
     int64_t seed, int64_t n_samples, std::array<bool, 5> mask) {
+  BNN_NO_AUTOCAST();
   const int64_t S = n_samples, N = x.size(1), in = w_mu_in.size(1), out = w_mu_in.size(0);
   // An empty `saved`: the forward kept no weight (BNN_FAST_CPU_SAVE_WEIGHT=0), so W is sampled
   // again from (seed, stream 0). With several samples it is sampled whole and the backward below

@@ -230,6 +230,7 @@ at::Tensor bayes_mlp_cpu(const char* op, const at::Tensor& x_in, const at::Tenso
                          const std::optional<at::Tensor>& b2_mu,
                          const std::optional<at::Tensor>& b2_ls, int64_t seed2,
                          int64_t n_samples) {
+  BNN_NO_AUTOCAST();
   const auto [in, hidden, out] = check_mlp_args(op, x_in, w1_mu, w1_ls, b1_mu, b1_ls, w2_mu,
                                                 w2_ls, b2_mu, b2_ls, n_samples);
   const int64_t S = n_samples, X = x_in.size(0), N = x_in.size(1);
@@ -514,6 +515,7 @@ MlpGrads bayes_mlp_backward_cpu(
     const at::Tensor& w2_ls, const std::optional<at::Tensor>& b2_mu,
     const std::optional<at::Tensor>& b2_ls, int64_t seed2, int64_t n_samples,
     std::array<bool, 9> mask) {
+  BNN_NO_AUTOCAST();
   constexpr const char* op = "bayes_mlp_backward";
   const auto [in, hidden, out] = check_mlp_args(op, x_in, w1_mu, w1_ls, b1_mu, b1_ls, w2_mu,
                                                 w2_ls, b2_mu, b2_ls, n_samples);

@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> local_cuda(const at::Tensor& x, const at::Ten
                                               const std::optional<at::Tensor>& b_mu,
                                               const std::optional<at::Tensor>& b_ls, int64_t seed,
                                               int64_t n_samples) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::OptionalDeviceGuard guard(at::device_of(x));  // a CPU x: the checks name it
   return estimators::local_forward<CudaKernels>(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples);
 }
 
@@ -95,7 +95,7 @@ estimators::Grads local_backward_cuda(const at::Tensor& grad, const at::Tensor& 
                                       const at::Tensor& w_mu, const at::Tensor& w_ls,
                                       const std::optional<at::Tensor>& b_ls, const at::Tensor& var,
                                       int64_t seed, int64_t n_samples, std::array<bool, 5> mask) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::OptionalDeviceGuard guard(at::device_of(x));  // a CPU x: the checks name it
   return estimators::local_backward<CudaKernels>(grad, x, w_mu, w_ls, b_ls, var, seed, n_samples,
                                                  mask);
 }
@@ -105,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> flipout_cuda(const at::Tensor& x, const at::T
                                                 const std::optional<at::Tensor>& b_mu,
                                                 const std::optional<at::Tensor>& b_ls,
                                                 int64_t seed, int64_t n_samples) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::OptionalDeviceGuard guard(at::device_of(x));  // a CPU x: the checks name it
   return estimators::flipout_forward<CudaKernels>(x, w_mu, w_ls, b_mu, b_ls, seed, n_samples);
 }
 
@@ -114,7 +114,7 @@ estimators::Grads flipout_backward_cuda(const at::Tensor& grad, const at::Tensor
                                         const std::optional<at::Tensor>& b_ls,
                                         const at::Tensor& saved, int64_t seed, int64_t n_samples,
                                         std::array<bool, 5> mask) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::OptionalDeviceGuard guard(at::device_of(x));  // a CPU x: the checks name it
   return estimators::flipout_backward<CudaKernels>(grad, x, w_mu, w_ls, b_ls, saved, seed,
                                                    n_samples, mask);
 }

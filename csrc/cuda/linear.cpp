@@ -20,6 +20,7 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_cuda(const at::Tensor& x_in,
                                                      const std::optional<at::Tensor>& b_mu_in,
                                                      const std::optional<at::Tensor>& b_ls_in,
                                                      int64_t seed, int64_t n_samples) {
+  BNN_NO_AUTOCAST();
   check_bayes_linear_args(x_in, w_mu_in, w_ls_in, b_mu_in, b_ls_in, n_samples);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const DType dt = to_dtype(x_in.scalar_type(), "bayes_linear", "x");
@@ -51,7 +52,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
     const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& w_mu_in,
     const at::Tensor& w_ls_in, const std::optional<at::Tensor>& b_ls, const at::Tensor& saved,
     int64_t seed, int64_t n_samples, std::array<bool, 5> mask) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  BNN_NO_AUTOCAST();
+  // Optional: a CPU x (a CUDA weight) gets the shape and device checks' error, not the guard's.
+  const c10::OptionalDeviceGuard guard(at::device_of(x));
   const int64_t S = n_samples, N = x.size(1), in = w_mu_in.size(1), out = w_mu_in.size(0);
   TORCH_CHECK_VALUE(grad_in.dim() == 3 && grad_in.size(0) == S && grad_in.size(1) == N &&
                         grad_in.size(2) == out,
