@@ -159,23 +159,28 @@ def test_the_wrapper_refuses_cuda_with_a_clear_error():
 # predictive runs the fused operator for BayesLinear -> ReLU -> BayesLinear
 
 
-def article_net(in_f=1, hidden=1000, out_f=1):
+def article_net(in_f=1, hidden=1000, out_f=1, lib=bnn_fast):
     torch.manual_seed(0)
-    return nn.Sequential(bnn_fast.BayesLinear(0, 0.1, in_f, hidden), nn.ReLU(), bnn_fast.BayesLinear(0, 0.1, hidden, out_f))
+    return nn.Sequential(lib.BayesLinear(0, 0.1, in_f, hidden), nn.ReLU(), lib.BayesLinear(0, 0.1, hidden, out_f))
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """Counts the fused operator's calls (through the wrapper bnn_fast.fusion uses)."""
+def spy_on(monkeypatch, name):
+    """The n_samples of every call of the wrapper _ops.<name> (the one bnn_fast.fusion uses)."""
     count = []
-    original = _ops.bayes_mlp_inference
+    original = getattr(_ops, name)
 
     def spy(*args):
         count.append(args[-1])
         return original(*args)
 
-    monkeypatch.setattr(_ops, "bayes_mlp_inference", spy)
+    monkeypatch.setattr(_ops, name, spy)
     return count
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the fused inference operator's calls."""
+    return spy_on(monkeypatch, "bayes_mlp_inference")
 
 
 def predict_both_ways(model, x, n, monkeypatch, **kwargs):

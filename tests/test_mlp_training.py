@@ -11,7 +11,7 @@ from torch import nn
 import bnn_fast
 from bnn_fast import _ops, fusion
 from conftest import make_layer, requires_ext
-from test_mlp_fusion import CASES, reference_with_kernel_noise
+from test_mlp_fusion import CASES, article_net, reference_with_kernel_noise, spy_on
 
 pytestmark = requires_ext
 
@@ -34,6 +34,13 @@ def leaves(x, layer1, layer2):
 def grads_of(y, grad_y, x, layer1, layer2):
     inputs = [t for t in (x, *layer1, *layer2) if t is not None]
     return torch.autograd.grad(y, inputs, grad_y)
+
+
+def grads_one_by_one(x0, l1, l2, seed1, seed2, S, grad_y):
+    """The gradients of bayes_linear, relu, bayes_linear with the same seeds."""
+    x, a, b = leaves(x0, l1, l2)
+    hidden = torch.relu(torch.ops.bnn_fast.bayes_linear(x, *a, seed1, S)[0])
+    return grads_of(torch.ops.bnn_fast.bayes_linear(hidden, *b, seed2, S)[0], grad_y, x, a, b)
 
 
 def tolerance(dtype, hidden, n_terms):
@@ -70,9 +77,7 @@ def test_gradients_equal_the_layers_run_one_by_one():
     grad_y = torch.randn(4, 40, 2)
     x, a, b = leaves(x0, l1, l2)
     fused = grads_of(OP(x, *a, 5, *b, 6, 4), grad_y, x, a, b)
-    x, a, b = leaves(x0, l1, l2)
-    hidden = torch.relu(torch.ops.bnn_fast.bayes_linear(x, *a, 5, 4)[0])
-    apart = grads_of(torch.ops.bnn_fast.bayes_linear(hidden, *b, 6, 4)[0], grad_y, x, a, b)
+    apart = grads_one_by_one(x0, l1, l2, 5, 6, 4, grad_y)
     for g, w in zip(fused, apart):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
@@ -161,9 +166,7 @@ def test_nan_propagates_to_the_gradients_as_in_the_layers_run_one_by_one():
     grad_y = torch.randn(1, 4, 2)
     x, a, b = leaves(x0, l1, l2)
     got = grads_of(OP(x, *a, 1, *b, 2, 1), grad_y, x, a, b)
-    x, a, b = leaves(x0, l1, l2)
-    hidden = torch.relu(torch.ops.bnn_fast.bayes_linear(x, *a, 1, 1)[0])
-    want = grads_of(torch.ops.bnn_fast.bayes_linear(hidden, *b, 2, 1)[0], grad_y, x, a, b)
+    want = grads_one_by_one(x0, l1, l2, 1, 2, 1, grad_y)
     for g, w in zip(got, want):
         assert torch.equal(torch.isnan(g), torch.isnan(w))
 
@@ -198,23 +201,10 @@ def test_forward_names_a_bad_argument():
 # ----------------------------------------------------------------------------------------------
 # FusedSequential / fuse
 
-def article_net(lib=bnn_fast, in_f=1, hidden=1000, out_f=1):
-    torch.manual_seed(0)
-    return nn.Sequential(lib.BayesLinear(0, 0.1, in_f, hidden), nn.ReLU(), lib.BayesLinear(0, 0.1, hidden, out_f))
-
-
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the training operator's calls (through the wrapper bnn_fast.fusion uses)."""
-    count = []
-    original = _ops.bayes_mlp
-
-    def spy(*args):
-        count.append(args[-1])
-        return original(*args)
-
-    monkeypatch.setattr(_ops, "bayes_mlp", spy)
-    return count
+    """Counts the training operator's calls."""
+    return spy_on(monkeypatch, "bayes_mlp")
 
 
 def step_grads(model, x, seed):
@@ -240,7 +230,7 @@ def test_fuse_shares_the_modules_and_computes_what_the_sequential_computes(calls
 
 
 def test_fuse_loads_a_torchbnn_checkpoint_and_trains():
-    tb = article_net(torchbnn, hidden=64)
+    tb = article_net(hidden=64, lib=torchbnn)
     fused = bnn_fast.fuse(article_net(hidden=64))
     fused.load_state_dict(tb.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), tb.state_dict().values()))

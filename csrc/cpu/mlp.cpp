@@ -223,13 +223,21 @@ SampleWeights<T> weights_of_sample(const SampledMlp& w, int64_t s, int64_t in, i
           w.w2.const_data_ptr<T>() + s * out * hidden, b2 != nullptr ? b2 + s * out : nullptr};
 }
 
-at::Tensor bayes_mlp_cpu(const char* op, const at::Tensor& x_in, const at::Tensor& w1_mu,
-                         const at::Tensor& w1_ls, const std::optional<at::Tensor>& b1_mu,
+// The forward of bayes_mlp_inference and of bayes_mlp (Op: the operator's name for errors): one
+// pass; bayes_mlp's backward samples the weights again from the seeds, so nothing is saved but
+// the inputs.
+constexpr char kInference[] = "bayes_mlp_inference";
+constexpr char kTraining[] = "bayes_mlp";
+
+template <const char* Op>
+at::Tensor bayes_mlp_cpu(const at::Tensor& x_in, const at::Tensor& w1_mu, const at::Tensor& w1_ls,
+                         const std::optional<at::Tensor>& b1_mu,
                          const std::optional<at::Tensor>& b1_ls, int64_t seed1,
                          const at::Tensor& w2_mu, const at::Tensor& w2_ls,
                          const std::optional<at::Tensor>& b2_mu,
                          const std::optional<at::Tensor>& b2_ls, int64_t seed2,
                          int64_t n_samples) {
+  constexpr const char* op = Op;
   BNN_NO_AUTOCAST();
   const auto [in, hidden, out] = check_mlp_args(op, x_in, w1_mu, w1_ls, b1_mu, b1_ls, w2_mu,
                                                 w2_ls, b2_mu, b2_ls, n_samples);
@@ -259,30 +267,6 @@ at::Tensor bayes_mlp_cpu(const char* op, const at::Tensor& x_in, const at::Tenso
     });
   });
   return y;
-}
-
-at::Tensor bayes_mlp_inference_cpu(const at::Tensor& x, const at::Tensor& w1_mu,
-                                   const at::Tensor& w1_ls, const std::optional<at::Tensor>& b1_mu,
-                                   const std::optional<at::Tensor>& b1_ls, int64_t seed1,
-                                   const at::Tensor& w2_mu, const at::Tensor& w2_ls,
-                                   const std::optional<at::Tensor>& b2_mu,
-                                   const std::optional<at::Tensor>& b2_ls, int64_t seed2,
-                                   int64_t n_samples) {
-  return bayes_mlp_cpu("bayes_mlp_inference", x, w1_mu, w1_ls, b1_mu, b1_ls, seed1, w2_mu, w2_ls,
-                       b2_mu, b2_ls, seed2, n_samples);
-}
-
-// The training forward: the same pass (bayes_mlp's backward samples the weights again from the
-// seeds, so nothing is saved but the inputs).
-at::Tensor bayes_mlp_forward_cpu(const at::Tensor& x, const at::Tensor& w1_mu,
-                                 const at::Tensor& w1_ls, const std::optional<at::Tensor>& b1_mu,
-                                 const std::optional<at::Tensor>& b1_ls, int64_t seed1,
-                                 const at::Tensor& w2_mu, const at::Tensor& w2_ls,
-                                 const std::optional<at::Tensor>& b2_mu,
-                                 const std::optional<at::Tensor>& b2_ls, int64_t seed2,
-                                 int64_t n_samples) {
-  return bayes_mlp_cpu("bayes_mlp", x, w1_mu, w1_ls, b1_mu, b1_ls, seed1, w2_mu, w2_ls, b2_mu,
-                       b2_ls, seed2, n_samples);
 }
 
 // ---- backward ---------------------------------------------------------------------------------
@@ -451,32 +435,31 @@ BNN_AVX2 void row_grads_avx2(const float* x, const float* dy, int64_t rows,
   }
 }
 
-// Tables of the instantiations, [in - 1][out - 1].
+// The instantiations, by layer widths.
 using UnitGradsFn = void (*)(const float*, const float*, int64_t, const SampleWeights<float>&,
                              int64_t, int64_t, int64_t, float*, float*, float*);
 using RowGradsFn = void (*)(const float*, const float*, int64_t, const SampleWeights<float>&,
                             int64_t, float*);
 
-template <int IN, int... O>
-constexpr std::array<UnitGradsFn, kMaxOut> unit_row(std::integer_sequence<int, O...>) {
-  return {&unit_grads_avx2<IN, O + 1>...};
+// Table[in - 1][out - 1] = Maker::fn<in, out>() for in <= kMaxIn, out <= kMaxOut.
+template <class Maker, int IN, int... O>
+constexpr auto table_row(std::integer_sequence<int, O...>) {
+  return std::array{Maker::template fn<IN, O + 1>()...};
 }
-template <int... I>
-constexpr std::array<std::array<UnitGradsFn, kMaxOut>, kMaxIn> unit_table(
-    std::integer_sequence<int, I...>) {
-  return {unit_row<I + 1>(std::make_integer_sequence<int, kMaxOut>())...};
+template <class Maker, int... I>
+constexpr auto table(std::integer_sequence<int, I...>) {
+  return std::array{table_row<Maker, I + 1>(std::make_integer_sequence<int, kMaxOut>())...};
 }
-template <int IN, int... O>
-constexpr std::array<RowGradsFn, kMaxOut> grad_x_row(std::integer_sequence<int, O...>) {
-  return {&row_grads_avx2<IN, O + 1>...};
-}
-template <int... I>
-constexpr std::array<std::array<RowGradsFn, kMaxOut>, kMaxIn> grad_x_table(
-    std::integer_sequence<int, I...>) {
-  return {grad_x_row<I + 1>(std::make_integer_sequence<int, kMaxOut>())...};
-}
-constexpr auto kUnitGrads = unit_table(std::make_integer_sequence<int, kMaxIn>());
-constexpr auto kRowGrads = grad_x_table(std::make_integer_sequence<int, kMaxIn>());
+struct UnitGrads {
+  template <int IN, int OUT>
+  static constexpr UnitGradsFn fn() { return &unit_grads_avx2<IN, OUT>; }
+};
+struct RowGrads {
+  template <int IN, int OUT>
+  static constexpr RowGradsFn fn() { return &row_grads_avx2<IN, OUT>; }
+};
+constexpr auto kUnitGrads = table<UnitGrads>(std::make_integer_sequence<int, kMaxIn>());
+constexpr auto kRowGrads = table<RowGrads>(std::make_integer_sequence<int, kMaxIn>());
 #endif
 
 // The passes for one dtype: AVX2 for float where the CPU has it (simd), else the scalar loops.
@@ -644,8 +627,8 @@ MlpGrads bayes_mlp_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnn_fast, CPU, m) {
-  m.impl("bayes_mlp_inference", &bayes_mlp_inference_cpu);
-  m.impl("bayes_mlp", &bayes_mlp_forward_cpu);
+  m.impl("bayes_mlp_inference", &bayes_mlp_cpu<kInference>);
+  m.impl("bayes_mlp", &bayes_mlp_cpu<kTraining>);
   m.impl("bayes_mlp_backward", &bayes_mlp_backward_cpu);
 }
 
