@@ -4,6 +4,7 @@ extension is missing, broken, or disabled with BNN_FAST_FORCE_REFERENCE=1.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -19,7 +20,7 @@ from . import reference
 __all__ = [
     "backend", "BackendInfo", "extension_loaded", "use_kernels", "reference_path", "kernel_dtype",
     "gaussian_kl", "normal", "bayes_linear", "bayes_linear_local", "bayes_linear_flipout", "new_seed",
-    "bayes_mlp_inference", "bayes_mlp",
+    "bayes_mlp_inference", "bayes_mlp", "has_kernel",
 ]
 
 _U64 = 1 << 64
@@ -127,6 +128,14 @@ def kernel_dtype(input: Tensor, weight: Tensor) -> Optional[torch.dtype]:
     ):
         return None
     return weight.dtype
+
+
+@functools.lru_cache(maxsize=None)
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether the compiled operator bnn_fast::`op` has a kernel for `device_type` ("cpu",
+    "cuda"); False without the extension."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return _LOADED and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"bnn_fast::{op}", key)
 
 
 def _to_i64(v: int) -> int:
@@ -313,7 +322,7 @@ def bayes_mlp_inference(
     n_samples: int = 1,
 ) -> Tensor:
     """Two reparameterized Bayesian linear layers with a ReLU between, in one pass without a
-    backward (the compiled CPU operator; see csrc/cpu/mlp.cpp).
+    backward (the compiled operator, CPU and CUDA; see csrc/cpu/mlp.cpp, csrc/cuda/mlp_kernel.cu).
 
     Each layer samples its weights as :func:`bayes_linear` does from its own seed, so the result
     is ``bayes_linear(relu(bayes_linear(x, *layer1, seed1)), *layer2, seed2)`` (up to the order
@@ -330,8 +339,9 @@ def bayes_mlp_inference(
     Raises:
         RuntimeError: without the extension, or when an input requires grad under grad mode
             (:func:`bayes_mlp` has the backward).
-        ValueError: on a device other than the CPU, for in_features > 8 or out_features > 8, or
-            for mismatched shapes (the message names the argument).
+        ValueError: on a device other than the CPU or a CUDA GPU (with the CUDA kernels
+            compiled), for in_features > 8 or out_features > 8, or for mismatched shapes (the
+            message names the argument).
         TypeError: for a dtype other than float32 / float64 or mixed dtypes.
     """
     return _mlp_call("bayes_mlp_inference", x, layer1, seed1, layer2, seed2, n_samples)
@@ -349,16 +359,18 @@ def bayes_mlp(
     backward samples both layers' weights again from the seeds and computes every gradient
     without writing the hidden activations either (csrc/cpu/mlp.cpp). The gradients are those
     of the layers run one by one with the same seeds (up to the order of the sums), and do not
-    depend on the thread count. Arguments, shapes and errors as :func:`bayes_mlp_inference`;
-    double backward raises a clear error."""
+    depend on the thread count. Arguments, shapes and errors as :func:`bayes_mlp_inference`,
+    but CPU only; double backward raises a clear error."""
     return _mlp_call("bayes_mlp", x, layer1, seed1, layer2, seed2, n_samples)
 
 
 def _mlp_call(name, x, layer1, seed1, layer2, seed2, n_samples):
     if not _LOADED:
         raise RuntimeError(f"{name}: the compiled extension is not loaded; " + _REASON)
-    if x.device.type != "cpu":
-        raise ValueError(f"{name}: only the CPU has this kernel, got x on {x.device}")
+    if not has_kernel(name, x.device.type):
+        where = "the CPU and CUDA have" if name == "bayes_mlp_inference" else "only the CPU has"
+        raise ValueError(f"{name}: {where} this kernel (CUDA: when the CUDA kernels are compiled), "
+                         f"got x on {x.device}")
     return getattr(torch.ops.bnn_fast, name)(
         x, *layer1, _to_i64(seed1), *layer2, _to_i64(seed2), int(n_samples)
     )

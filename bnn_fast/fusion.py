@@ -4,10 +4,10 @@ A run of three children of a plain :class:`torch.nn.Sequential`
 
     BayesLinear(in_features <= 8)  ->  nn.ReLU  ->  BayesLinear(out_features <= 8)
 
-can be computed by one compiled CPU operator that keeps every hidden activation in a register
-and never writes them (csrc/cpu/mlp.cpp): ``bnn_fast::bayes_mlp_inference`` without gradients,
-``bnn_fast::bayes_mlp`` with them (its backward samples the weights again from the seeds and
-computes every gradient the same way). The layers draw their seeds in the order they would draw
+can be computed by one compiled operator that keeps every hidden activation in a register and
+never writes them: ``bnn_fast::bayes_mlp_inference`` without gradients (CPU and CUDA:
+csrc/cpu/mlp.cpp, csrc/cuda/mlp_kernel.cu), ``bnn_fast::bayes_mlp`` with them (CPU; its backward
+samples the weights again from the seeds and computes every gradient the same way). The layers draw their seeds in the order they would draw
 them run one by one, so the samples are the same; only the order of the sums differs.
 Everything else in the model runs as usual.
 
@@ -30,9 +30,10 @@ The fusion applies only where it cannot change what the model computes:
   children are exactly ``BayesLinear``, ``nn.ReLU``, ``BayesLinear`` (a subclass may override
   ``forward``); none of them, nor the model, has forward hooks or forward pre-hooks, and no
   global module hook is set (a hook expects to see the activations);
-- at run time: the compiled kernels are in use, the input is a 2-D CPU tensor, the input and all
-  parameters share a dtype of float32 or float64, CPU autocast is off, neither layer is frozen,
-  and both layers' estimator (``bnn_fast.estimator`` block first) is ``"reparam"``.
+- at run time: the compiled kernels are in use, the input is a 2-D tensor on the CPU (or, without
+  gradients, on a CUDA GPU with the CUDA kernels compiled), the input and all parameters share a
+  device and a dtype of float32 or float64, autocast is off, neither layer is frozen, and both
+  layers' estimator (``bnn_fast.estimator`` block first) is ``"reparam"``.
 
 Otherwise the three modules run one by one. ``fusion.enabled = False`` turns it off.
 """
@@ -123,7 +124,7 @@ def _layer_params(layer: BayesLinear) -> tuple:
 
 def _fused_params(a: BayesLinear, b: BayesLinear, x: Tensor) -> Optional[tuple]:
     """(layer 1's, layer 2's parameters) when the triple can run fused on `x` now, else None."""
-    if x.dim() != 2 or x.device.type != "cpu":
+    if x.dim() != 2 or not _ops.has_kernel("bayes_mlp_inference", x.device.type):
         return None
     if a.weight_eps is not None or b.weight_eps is not None:
         return None  # frozen: torchbnn's fixed-noise path
@@ -131,12 +132,12 @@ def _fused_params(a: BayesLinear, b: BayesLinear, x: Tensor) -> Optional[tuple]:
     if (override or a.estimator) != "reparam" or (override or b.estimator) != "reparam":
         return None
     layer1, layer2 = _layer_params(a), _layer_params(b)
-    # kernel_dtype: None unless the kernels are in use and take x and layer 1's weights as they
-    # are (on the CPU: float32 or float64, equal dtypes, no autocast).
-    if _ops.kernel_dtype(x, layer1[0]) is None:
+    # kernel_dtype: the dtype the kernels would run x and layer 1's weights in (None when they
+    # are not in use); the fused ones run float32 and float64 as they are, without autocast.
+    if x.dtype not in (torch.float32, torch.float64) or _ops.kernel_dtype(x, layer1[0]) != x.dtype:
         return None
     for p in layer1 + layer2:
-        if p is not None and (p.dtype != x.dtype or p.device.type != "cpu"):
+        if p is not None and (p.dtype != x.dtype or p.device != x.device):
             return None
     return layer1, layer2
 
@@ -146,14 +147,16 @@ def _run_fused(a: BayesLinear, r: nn.ReLU, b: BayesLinear, x: Tensor) -> Tensor:
     if params is None:
         return b(r(a(x)))
     layer1, layer2 = params
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(p is not None and p.requires_grad for p in layer1 + layer2))
+    if needs_grad and not _ops.has_kernel("bayes_mlp", x.device.type):
+        return b(r(a(x)))  # no fused backward on this device
     a._check_input(x, layer1[0])
     state = sampling.current()
     if state is None:
         xs, n_samples = x.unsqueeze(0), 1
     else:
         xs, n_samples = sampling.fold_input(x, "BayesLinear")
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or any(p is not None and p.requires_grad for p in layer1 + layer2))
     # Seeds in the order the layers would draw them run one by one.
     seed1 = _ops.new_seed()
     seed2 = _ops.new_seed()
@@ -164,9 +167,10 @@ def _run_fused(a: BayesLinear, r: nn.ReLU, b: BayesLinear, x: Tensor) -> Tensor:
 
 class FusedSequential(nn.Sequential):
     """An :class:`torch.nn.Sequential` that runs each ``BayesLinear(in_features <= 8) ->
-    nn.ReLU -> BayesLinear(out_features <= 8)`` run of its children as one fused CPU operator,
-    forward and backward (see the module docstring for when it applies; elsewhere it is an
-    ``nn.Sequential``). Build it as an ``nn.Sequential``, or with :func:`fuse`.
+    nn.ReLU -> BayesLinear(out_features <= 8)`` run of its children as one fused operator,
+    forward and backward on the CPU, forward only on CUDA (see the module docstring for when it
+    applies; elsewhere it is an ``nn.Sequential``). Build it as an ``nn.Sequential``, or with
+    :func:`fuse`.
 
     Shape: as the children's (the fused run takes ``[N, in_features]`` and gives
     ``[N, out_features]``).

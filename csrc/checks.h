@@ -2,13 +2,17 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/DispatchKeySet.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "mlp.h"
 
 namespace bnn_fast {
 
@@ -102,6 +106,34 @@ inline void check_bayes_linear_args(const at::Tensor& x, const at::Tensor& w_mu,
     check_same_device(op, bm.c_str(), *b_mu, x);
     check_same_device(op, bl.c_str(), *b_ls, x);
   }
+}
+
+// bayes_mlp_inference / bayes_mlp / bayes_mlp_backward (CPU and CUDA): both layers' arguments,
+// the dtype (float32 or float64) and the fused kernels' width limits (mlp.h). Returns (in,
+// hidden, out).
+inline std::array<int64_t, 3> check_mlp_args(const char* op, const at::Tensor& x,
+                                             const at::Tensor& w1_mu, const at::Tensor& w1_ls,
+                                             const std::optional<at::Tensor>& b1_mu,
+                                             const std::optional<at::Tensor>& b1_ls,
+                                             const at::Tensor& w2_mu, const at::Tensor& w2_ls,
+                                             const std::optional<at::Tensor>& b2_mu,
+                                             const std::optional<at::Tensor>& b2_ls,
+                                             int64_t n_samples) {
+  check_bayes_linear_args(x, w1_mu, w1_ls, b1_mu, b1_ls, n_samples, op, 1);
+  TORCH_CHECK_VALUE(w2_mu.dim() == 2 && w2_mu.size(1) == w1_mu.size(0), op,
+                    ": weight2_mu must be 2-D [out_features, ", w1_mu.size(0),
+                    "] (layer 2's in_features = layer 1's out_features), got ", w2_mu.sizes());
+  // Layer 2's parameters, checked against a stand-in for its input (the hidden activations).
+  check_bayes_linear_args(at::empty({1, 0, w2_mu.size(1)}, x.options()), w2_mu, w2_ls, b2_mu,
+                          b2_ls, n_samples, op, 2);
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                   ": x must be float32 or float64, got ", x.scalar_type());
+  const int64_t in = w1_mu.size(1), hidden = w1_mu.size(0), out = w2_mu.size(0);
+  TORCH_CHECK_VALUE(in <= kMlpMaxIn && out <= kMlpMaxOut, op,
+                    ": the fused kernel takes in_features <= ", kMlpMaxIn,
+                    " and out_features <= ", kMlpMaxOut, ", got ", in, " and ", out,
+                    " (run the layers one by one instead)");
+  return {in, hidden, out};
 }
 
 }  // namespace bnn_fast

@@ -46,13 +46,14 @@ TORCH_LIBRARY(bnn_fast, m) {
   // exactly as bayes_linear samples it from its own seed (seed1, seed2), so the result is that of
   // bayes_linear_inference, torch.relu, bayes_linear_inference. The hidden activations are
   // never written. x: [S or 1, N, in]; weight1_*: [hidden, in]; weight2_*: [out, hidden].
-  // Returns [S, N, out]. CPU only, for in <= 8 and out <= 8 (see cpu/mlp.cpp).
+  // Returns [S, N, out]. CPU and CUDA, float32 and float64, for in <= 8 and out <= 8 (see
+  // cpu/mlp.cpp, cuda/mlp_kernel.cu).
   m.def(
       "bayes_mlp_inference(Tensor x, Tensor weight1_mu, Tensor weight1_log_sigma, "
       "Tensor? bias1_mu, Tensor? bias1_log_sigma, int seed1, Tensor weight2_mu, "
       "Tensor weight2_log_sigma, Tensor? bias2_mu, Tensor? bias2_log_sigma, int seed2, "
       "int n_samples) -> Tensor");
-  // The same two layers with a backward (training): the forward is bayes_mlp_inference's pass;
+  // The same two layers with a backward (training; CPU only): the forward is bayes_mlp_inference's pass;
   // the backward samples both layers' weights again from (seed1, seed2), so nothing but the
   // inputs is saved. Gradients (x, weight1_mu, weight1_log_sigma, bias1_mu, bias1_log_sigma,
   // weight2_mu, ..., bias2_log_sigma); one not asked for in output_mask comes back empty.

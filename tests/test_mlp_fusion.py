@@ -141,18 +141,56 @@ def bad(**changes):
     (dict(weight2_mu=torch.zeros(3, 6, dtype=torch.float64)), TypeError, r"weight2_mu must have dtype Float"),
     (dict(x=torch.ones(1, 4, 2, dtype=torch.int64)), TypeError, r"x must be a floating-point"),
     (dict(weight2_mu=torch.zeros(9, 6), weight2_log_sigma=torch.zeros(9, 6), bias2_mu=None, bias2_log_sigma=None),
-     ValueError, r"the CPU kernel takes in_features <= 8 and out_features <= 8, got 2 and 9"),
+     ValueError, r"the fused kernel takes in_features <= 8 and out_features <= 8, got 2 and 9"),
 ])
 def test_bad_input_names_the_argument(changes, exc, match):
     with pytest.raises(exc, match="bayes_mlp_inference: " + match):
         OP(**bad(**changes))
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels compiled")
-def test_the_wrapper_refuses_cuda_with_a_clear_error():
+def test_the_wrappers_refuse_a_device_without_the_kernel():
     layer1, layer2 = layers(1, 8, 1, torch.float32)
-    with pytest.raises(ValueError, match="only the CPU has this kernel"):
-        _ops.bayes_mlp_inference(torch.randn(1, 2, 1, device="cuda"), layer1, 1, layer2, 2)
+    meta = [tuple(t.to("meta") for t in layer) for layer in (layer1, layer2)]
+    with pytest.raises(ValueError, match="bayes_mlp_inference: the CPU and CUDA have this kernel.*got x on meta"):
+        _ops.bayes_mlp_inference(torch.randn(1, 2, 1, device="meta"), meta[0], 1, meta[1], 2)
+    with pytest.raises(ValueError, match="bayes_mlp: only the CPU has this kernel.*got x on meta"):
+        _ops.bayes_mlp(torch.randn(1, 2, 1, device="meta"), meta[0], 1, meta[1], 2)
+    assert _ops.has_kernel("bayes_mlp_inference", "cpu") and not _ops.has_kernel("bayes_mlp", "cuda")
+    assert _ops.has_kernel("bayes_mlp_inference", "cuda") == bnn_fast.backend().cuda_compiled
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels compiled")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("S,xs,N,in_f,hidden,out_f,bias1,bias2", CASES)
+def test_cuda_equals_reference_and_the_cpu(dtype, S, xs, N, in_f, hidden, out_f, bias1, bias2):
+    layer1, layer2 = layers(in_f, hidden, out_f, dtype, bias1, bias2)
+    x = torch.randn(xs, N, in_f, dtype=dtype)
+    on_gpu = [tuple(None if t is None else t.cuda() for t in layer) for layer in (layer1, layer2)]
+    got = OP(x.cuda(), *on_gpu[0], 11, *on_gpu[1], 12, S)
+    assert got.device.type == "cuda" and got.shape == (S, N, out_f) and got.dtype == dtype
+    # The CUDA noise, fed to the pure-PyTorch twin on the GPU: equal up to the order of the sums.
+    def with_noise(params, seed):
+        mu, _, bmu, _ = params
+        eps_w = _ops.normal((S, *mu.shape), seed, 0, dtype=dtype, device="cuda")
+        eps_b = _ops.normal((S, mu.shape[0]), seed, 1, dtype=dtype, device="cuda") if bmu is not None else None
+        return (*params, eps_w, eps_b)
+    want = reference.bayes_mlp(x.cuda(), with_noise(on_gpu[0], 11), with_noise(on_gpu[1], 12))
+    torch.testing.assert_close(got, want, **tolerance(dtype, hidden))
+    # The CPU kernel: the same samples up to a few ulp of the noise (CPU and GPU log/sin/cos).
+    torch.testing.assert_close(got.cpu(), OP(x, *layer1, 11, *layer2, 12, S), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels compiled")
+def test_cuda_opcheck_and_predictive_fuses_on_the_gpu(monkeypatch, calls):
+    layer1, layer2 = layers(2, 20, 3, torch.float32)
+    on_gpu = [tuple(t.cuda() for t in layer) for layer in (layer1, layer2)]
+    torch.library.opcheck(OP.default, (torch.randn(1, 5, 2, device="cuda"), *on_gpu[0], 1, *on_gpu[1], 2, 3))
+    x = torch.linspace(-2, 2, 300, device="cuda").unsqueeze(1)
+    model = article_net().cuda()
+    assert fusion.plan(model, x) is not None
+    fused, apart = predict_both_ways(model, x, 500, monkeypatch, chunk_size=64)
+    assert sum(calls) == 500
+    torch.testing.assert_close(fused.samples, apart.samples, rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from torch import nn
 
 import bnn_fast
 from bnn_fast import _ops, fusion
-from conftest import make_layer, requires_ext
+from conftest import CUDA, make_layer, requires_ext
 from test_mlp_fusion import CASES, article_net, reference_with_kernel_noise, spy_on
 
 pytestmark = requires_ext
@@ -191,7 +191,7 @@ def test_backward_names_a_bad_grad():
 
 def test_forward_names_a_bad_argument():
     l1, l2 = layers(2, 6, 9, torch.float32)
-    with pytest.raises(ValueError, match="bayes_mlp: the CPU kernel takes in_features <= 8 and out_features <= 8"):
+    with pytest.raises(ValueError, match="bayes_mlp: the fused kernel takes in_features <= 8 and out_features <= 8"):
         OP(torch.randn(1, 4, 2), *l1, 1, *l2, 2, 1)
     l1, l2 = layers(2, 6, 3, torch.float32)
     with pytest.raises(ValueError, match=r"bayes_mlp: x must have last dim 2"):
@@ -328,3 +328,15 @@ def test_deepcopy_and_state_dict_round_trip():
     torch.manual_seed(2)
     b = plain(x)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels compiled")
+def test_on_cuda_training_runs_the_layers_and_prediction_fuses(monkeypatch, calls):
+    inference = spy_on(monkeypatch, "bayes_mlp_inference")
+    fused = bnn_fast.fuse(article_net(hidden=30)).cuda()
+    x = torch.randn(6, 1, device="cuda")
+    fused(x).sum().backward()  # no fused backward on CUDA: the modules, one by one
+    assert calls == [] and inference == [] and fused[0].weight_mu.grad is not None
+    with torch.no_grad():
+        assert fused(x).shape == (6, 1)
+    assert inference == [1]

@@ -25,14 +25,15 @@
 
 #include "checks.h"
 #include "cpu/sample.h"
+#include "mlp.h"
 #include "cpu/simd.h"
 
 namespace bnn_fast {
 namespace cpu {
 namespace {
 
-constexpr int64_t kMaxIn = 8;
-constexpr int64_t kMaxOut = 8;
+constexpr int64_t kMaxIn = kMlpMaxIn;
+constexpr int64_t kMaxOut = kMlpMaxOut;
 
 // The weights of one sample: w1t [in, hidden] (layer 1 transposed, so hidden units are
 // contiguous), b1 [hidden] or null, w2 [out, hidden], b2 [out] or null.
@@ -44,13 +45,10 @@ struct SampleWeights {
   const T* b2;
 };
 
-// Hidden unit j of row xr after the ReLU: relu(v) = v < 0 ? 0 : v keeps a NaN as torch.relu
-// does.
+// Hidden unit j of row xr after the ReLU (mlp.h, shared with the CUDA kernel).
 template <typename T>
 T hidden_unit(const T* xr, const SampleWeights<T>& w, int64_t in, int64_t hidden, int64_t j) {
-  T h = w.b1 != nullptr ? w.b1[j] : T(0);
-  for (int64_t i = 0; i < in; ++i) h += xr[i] * w.w1t[i * hidden + j];
-  return h < T(0) ? T(0) : h;
+  return mlp_hidden_unit(xr, w.w1t + j, hidden, w.b1 != nullptr ? w.b1[j] : T(0), in);
 }
 
 // Rows x[0..rows) ([rows, in], contiguous) -> y[0..rows) ([rows, out]). Sums over the hidden
@@ -157,30 +155,6 @@ void mlp_rows(const T* x, T* y, int64_t rows, const SampleWeights<T>& w, int64_t
   }
 #endif
   mlp_rows_scalar(x, y, rows, w, in, hidden, out);
-}
-
-// The checks shared by the forward and the backward; returns (in, hidden, out).
-std::array<int64_t, 3> check_mlp_args(const char* op, const at::Tensor& x, const at::Tensor& w1_mu,
-                                      const at::Tensor& w1_ls,
-                                      const std::optional<at::Tensor>& b1_mu,
-                                      const std::optional<at::Tensor>& b1_ls,
-                                      const at::Tensor& w2_mu, const at::Tensor& w2_ls,
-                                      const std::optional<at::Tensor>& b2_mu,
-                                      const std::optional<at::Tensor>& b2_ls, int64_t n_samples) {
-  check_bayes_linear_args(x, w1_mu, w1_ls, b1_mu, b1_ls, n_samples, op, 1);
-  TORCH_CHECK_VALUE(w2_mu.dim() == 2 && w2_mu.size(1) == w1_mu.size(0), op,
-                    ": weight2_mu must be 2-D [out_features, ", w1_mu.size(0),
-                    "] (layer 2's in_features = layer 1's out_features), got ", w2_mu.sizes());
-  // Layer 2's parameters, checked against a stand-in for its input (the hidden activations).
-  check_bayes_linear_args(at::empty({1, 0, w2_mu.size(1)}, x.options()), w2_mu, w2_ls, b2_mu,
-                          b2_ls, n_samples, op, 2);
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-                   ": x must be float32 or float64 on the CPU, got ", x.scalar_type());
-  const int64_t in = w1_mu.size(1), hidden = w1_mu.size(0), out = w2_mu.size(0);
-  TORCH_CHECK_VALUE(in <= kMaxIn && out <= kMaxOut, op, ": the CPU kernel takes in_features <= ",
-                    kMaxIn, " and out_features <= ", kMaxOut, ", got ", in, " and ", out,
-                    " (run the layers one by one instead)");
-  return {in, hidden, out};
 }
 
 // Every sample's weights, sampled as bayes_linear samples them: weights from stream 0, biases

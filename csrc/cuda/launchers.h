@@ -64,6 +64,17 @@ cudaError_t launch_weight_grads(DType dtype, const void* dw, const void* log_sig
                                 void* grad_log_sigma, int64_t numel, int64_t n_samples,
                                 uint64_t seed, cudaStream_t stream);
 
+// ---- bayes_mlp_inference ----------------------------------------------------------------
+// y[s, n, :] = relu(x[xs, n] W1_s^T + b1_s) W2_s^T + b2_s for s < n_samples, n < rows (xs = 0
+// when x_samples is 1, else s), one thread per output row, the hidden activations in registers.
+// The weights are already sampled: w1 [S, hidden, in], b1 [S, hidden] or null, w2 [S, out,
+// hidden], b2 [S, out] or null. float32 or float64 (else cudaErrorInvalidValue);
+// out <= kMlpMaxOut (mlp.h).
+cudaError_t launch_mlp_inference(DType dtype, const void* x, const void* w1, const void* b1,
+                                 const void* w2, const void* b2, void* y, int64_t x_samples,
+                                 int64_t n_samples, int64_t rows, int64_t in, int64_t hidden,
+                                 int64_t out, cudaStream_t stream);
+
 // ---- estimators (see estimators_ops.h) ----------------------------------------------------
 // A tensor of x_samples = 1 holds one sample broadcast to all S; otherwise x_samples = S.
 // `per_sample` is R, the elements of one sample; noise index s * R + r.
