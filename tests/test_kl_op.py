@@ -118,6 +118,21 @@ def test_kl_cpu_scalar_path_equals_simd_path(monkeypatch):
     torch.testing.assert_close(simd, scalar, rtol=1e-13, atol=0)
 
 
+@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_kl_float32_log_sigma_past_the_float_exp_range(monkeypatch, simd, device):
+    # exp(2 * 50) overflows float32, not the KL: with a prior sigma of e^45 each element is
+    # 45 - 50 + e^100 / (2 e^90) - 1/2 = e^10 / 2 - 5.5. 16 elements: two AVX2 blocks.
+    monkeypatch.setenv("BNN_FAST_CPU_SIMD", simd)
+    ls = torch.full((16,), 50.0, device=device)
+    ls[3] = 1.0  # a block with one extreme element among ordinary ones
+    mu = torch.zeros_like(ls)
+    got = _ops.gaussian_kl([mu], [ls], 0.0, 45.0)
+    want = reference.gaussian_kl([mu.double()], [ls.double()], 0.0, 45.0)
+    assert torch.isfinite(got) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
 def test_kl_empty_list_is_zero():
     assert _ops.gaussian_kl([], [], 0.0, 0.0).item() == 0.0
 

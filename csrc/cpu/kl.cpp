@@ -44,8 +44,17 @@ BNN_AVX2 inline __m256d load4d(const double* p) { return _mm256_loadu_pd(p); }
 // sigma^2 = exp(2 log_sigma) for 4 elements, widened to double. A float32 input's variance comes
 // from the 8-lane float exp (within an ulp of the float result, which is all a float32
 // log_sigma determines), computed for 8 elements at once and split; float64 uses the double exp.
+// Past log_sigma = 44.36 the float exp overflows: 8 elements with one above 44 take the double
+// exp, as the scalar tail and the CUDA kernel do.
 BNN_AVX2 inline void var8(const float* ls, __m256d* lo, __m256d* hi) {
   const __m256 l = _mm256_loadu_ps(ls);
+  if (_mm256_movemask_ps(_mm256_cmp_ps(l, _mm256_set1_ps(44.0f), _CMP_GT_OQ)) != 0) {
+    const __m256d a = _mm256_cvtps_pd(_mm256_castps256_ps128(l));
+    const __m256d b = _mm256_cvtps_pd(_mm256_extractf128_ps(l, 1));
+    *lo = Sleef_expd4_u10avx2(a + a);
+    *hi = Sleef_expd4_u10avx2(b + b);
+    return;
+  }
   const __m256 v = Sleef_expf8_u10avx2(_mm256_add_ps(l, l));
   *lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
   *hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
