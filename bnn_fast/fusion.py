@@ -28,8 +28,9 @@ The fusion applies only where it cannot change what the model computes:
 
 - at plan time: the model is exactly ``nn.Sequential`` or :class:`FusedSequential`; the three
   children are exactly ``BayesLinear``, ``nn.ReLU``, ``BayesLinear`` (a subclass may override
-  ``forward``); none of them, nor the model, has forward hooks or forward pre-hooks, and no
-  global module hook is set (a hook expects to see the activations);
+  ``forward``); none of them, nor the model, has a forward, forward-pre, backward or
+  backward-pre hook, and no such global module hook is set (a hook expects to see the
+  activations or their gradients);
 - at run time: the compiled kernels are in use, the input is a 2-D tensor on the CPU (or, without
   gradients, on a CUDA GPU with the CUDA kernels compiled), the input and all parameters share a
   device and a dtype of float32 or float64, autocast is off, neither layer is frozen, and both
@@ -60,14 +61,18 @@ MAX_OUT = 8
 Step = Union[nn.Module, tuple]
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    # Forward and backward hooks alike: a fused run neither calls the modules nor gives them
+    # gradients of their own.
+    return any(getattr(module, name, None) for name in _HOOKS)
 
 
 def _global_hooks() -> bool:
     state = nn.modules.module
-    return bool(getattr(state, "_global_forward_hooks", None)
-                or getattr(state, "_global_forward_pre_hooks", None))
+    return any(getattr(state, "_global" + name, None) for name in _HOOKS)
 
 
 def _fusable(a: nn.Module, r: nn.Module, b: nn.Module) -> bool:
@@ -79,14 +84,16 @@ def _fusable(a: nn.Module, r: nn.Module, b: nn.Module) -> bool:
     )
 
 
-def plan(model: nn.Module, x: Optional[Tensor] = None) -> Optional[list[Step]]:
+def plan(model: nn.Module, x: Optional[Tensor] = None, grad: bool = False) -> Optional[list[Step]]:
     """The children of `model` as steps, fusable triples grouped; ``None`` when nothing can be
     fused (or fusion is off, the extension missing, `model` not a plain ``nn.Sequential``, or a
     hook set).
 
     With `x`, the input the model will be run on, a triple is grouped only if the run-time
-    conditions (device, dtypes, frozen layers, estimators, autocast) hold for it, so that a caller sizing memory from the plan (``predictive``'s chunks) does not count on
-    a fusion that will not happen. :func:`run` checks them again on every call either way."""
+    conditions (device, dtypes, frozen layers, estimators, autocast) hold for it, so that a
+    caller sizing memory from the plan (``predictive``'s chunks) does not count on a fusion that
+    will not happen; with ``grad=True`` too, only where the fused backward can train it (the
+    CPU). :func:`run` checks them again on every call either way."""
     if not enabled or not _ops.extension_loaded() or type(model) not in (nn.Sequential, FusedSequential):
         return None
     if _has_hooks(model) or _global_hooks():
@@ -96,7 +103,7 @@ def plan(model: nn.Module, x: Optional[Tensor] = None) -> Optional[list[Step]]:
     i = 0
     while i < len(children):
         if (i + 2 < len(children) and _fusable(*children[i:i + 3])
-                and (x is None or _fused_params(children[i], children[i + 2], x) is not None)):
+                and (x is None or _fused_params(children[i], children[i + 2], x, grad) is not None)):
             steps.append(tuple(children[i:i + 3]))
             i += 3
         else:
@@ -122,9 +129,11 @@ def _layer_params(layer: BayesLinear) -> tuple:
     return layer.weight_mu, layer.weight_log_sigma, layer.bias_mu, layer.bias_log_sigma
 
 
-def _fused_params(a: BayesLinear, b: BayesLinear, x: Tensor) -> Optional[tuple]:
-    """(layer 1's, layer 2's parameters) when the triple can run fused on `x` now, else None."""
-    if x.dim() != 2 or not _ops.has_kernel("bayes_mlp_inference", x.device.type):
+def _fused_params(a: BayesLinear, b: BayesLinear, x: Tensor, grad: bool = False) -> Optional[tuple]:
+    """(layer 1's, layer 2's parameters) when the triple can run fused on `x` now (with a
+    backward if `grad`), else None."""
+    op = "bayes_mlp" if grad else "bayes_mlp_inference"
+    if x.dim() != 2 or not _ops.has_kernel(op, x.device.type):
         return None
     if a.weight_eps is not None or b.weight_eps is not None:
         return None  # frozen: torchbnn's fixed-noise path
@@ -185,7 +194,8 @@ def fuse(model: nn.Sequential) -> FusedSequential:
     """A :class:`FusedSequential` holding `model`'s children under the same names (the same
     module objects: parameters are shared, the ``state_dict`` keys are the same, an optimizer
     built on ``model.parameters()`` trains it) in `model`'s training mode. The one-line opt-in
-    that fuses training too: ``model = bnn_fast.fuse(model)``.
+    that fuses training too: ``model = bnn_fast.fuse(model)``. Only the children are carried
+    over: hooks and attributes set on the ``nn.Sequential`` itself are not.
 
     Raises:
         TypeError: when `model` is not an ``nn.Sequential`` (for a custom module, fuse the

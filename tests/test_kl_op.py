@@ -120,17 +120,29 @@ def test_kl_cpu_scalar_path_equals_simd_path(monkeypatch):
 
 @pytest.mark.parametrize("simd", ["1", "0"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_kl_float32_log_sigma_past_the_float_exp_range(monkeypatch, simd, device):
-    # exp(2 * 50) overflows float32, not the KL: with a prior sigma of e^45 each element is
-    # 45 - 50 + e^100 / (2 e^90) - 1/2 = e^10 / 2 - 5.5. 16 elements: two AVX2 blocks.
+@pytest.mark.parametrize("log_sigma,prior_log_sigma", [(50.0, 45.0), (-50.0, -50.0)])
+def test_kl_float32_log_sigma_past_the_float_exp_range(monkeypatch, simd, device, log_sigma, prior_log_sigma):
+    # exp(2 * 50) overflows float32 and exp(-100) is below its smallest subnormal, not so the KL:
+    # with a prior sigma of e^45, each element at 50 is 45 - 50 + e^100 / (2 e^90) - 1/2 =
+    # e^10 / 2 - 5.5; at -50 against a prior sigma of e^-50 it is 0. 16 elements: two AVX2 blocks.
     monkeypatch.setenv("BNN_FAST_CPU_SIMD", simd)
-    ls = torch.full((16,), 50.0, device=device)
-    ls[3] = 1.0  # a block with one extreme element among ordinary ones
+    ls = torch.full((16,), log_sigma, device=device)
+    ls[3] = log_sigma - 1.0  # another value in the first AVX2 block
     mu = torch.zeros_like(ls)
-    got = _ops.gaussian_kl([mu], [ls], 0.0, 45.0)
-    want = reference.gaussian_kl([mu.double()], [ls.double()], 0.0, 45.0)
+    got = _ops.gaussian_kl([mu], [ls], 0.0, prior_log_sigma)
+    want = reference.gaussian_kl([mu.double()], [ls.double()], 0.0, prior_log_sigma)
     assert torch.isfinite(got) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_kl_past_the_float32_range_is_inf_not_an_error(monkeypatch, simd, device):
+    # sigma^2 / s^2 = e^2 / e^-100: the KL itself exceeds float32, as in float arithmetic.
+    monkeypatch.setenv("BNN_FAST_CPU_SIMD", simd)
+    ls = torch.ones(16, device=device)
+    got = _ops.gaussian_kl([torch.zeros_like(ls)], [ls], 0.0, -50.0)
+    assert got.dtype == torch.float32 and got.item() == math.inf
 
 
 def test_kl_empty_list_is_zero():

@@ -159,16 +159,26 @@ def test_hidden_widths_around_the_vector_width_and_empty_inputs():
     assert got[0].shape == (1, 0, 2) and all(torch.equal(g, torch.zeros_like(g)) for g in got[1:])
 
 
-def test_nan_propagates_to_the_gradients_as_in_the_layers_run_one_by_one():
-    l1, l2 = layers(1, 20, 2, torch.float32)
-    l2[0][0, 3] = float("nan")
-    x0 = torch.randn(1, 4, 1)
-    grad_y = torch.randn(1, 4, 2)
+@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("where", ["weight2", "x", "weight1"])
+def test_nan_gradients_equal_the_layers_run_one_by_one(monkeypatch, simd, where):
+    # relu's backward passes the gradient at a NaN activation (threshold_backward zeroes it only
+    # where relu(a) <= 0): the finite gradients and the NaN pattern both match.
+    monkeypatch.setenv("BNN_FAST_CPU_SIMD", simd)
+    l1, l2 = layers(2, 21, 3, torch.float64)
+    x0 = torch.randn(1, 4, 2, dtype=torch.float64)
+    if where == "weight2":
+        l2[0][0, 3] = float("nan")
+    elif where == "x":
+        x0[0, 2, 0] = float("nan")  # every hidden unit of row 2 is NaN
+    else:
+        l1[0][5, 1] = float("nan")  # hidden unit 5 is NaN for every row
+    grad_y = torch.randn(1, 4, 3, dtype=torch.float64)
     x, a, b = leaves(x0, l1, l2)
     got = grads_of(OP(x, *a, 1, *b, 2, 1), grad_y, x, a, b)
     want = grads_one_by_one(x0, l1, l2, 1, 2, 1, grad_y)
     for g, w in zip(got, want):
-        assert torch.equal(torch.isnan(g), torch.isnan(w))
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, equal_nan=True)
 
 
 def test_double_backward_raises_clear_error():
@@ -273,18 +283,30 @@ def test_fuse_refuses_what_is_not_a_sequential():
     assert net(torch.randn(3, 1)).shape == (3, 1)
 
 
-@pytest.mark.parametrize("why", ["frozen", "flipout estimator", "estimator block", "hook", "fusion off"])
-def test_fused_sequential_runs_the_modules_one_by_one_where_fusion_does_not_apply(monkeypatch, calls, why):
+@pytest.mark.parametrize("why", ["frozen", "flipout estimator", "estimator block", "hook", "backward hook",
+                                 "backward pre-hook", "global backward hook", "fusion off"])
+def test_fused_sequential_runs_the_modules_one_by_one_where_fusion_does_not_apply(monkeypatch, request, calls,
+                                                                                  why):
     fused = bnn_fast.fuse(article_net(hidden=30))
+    fired = []
+
+    def hook(*args):
+        fired.append(why)
     if why == "frozen":
         fused[0].freeze()
     elif why == "flipout estimator":
         fused[2].estimator = "flipout"
     elif why == "hook":
-        fused[1].register_forward_hook(lambda m, i, o: None)
+        fused[1].register_forward_hook(hook)
+    elif why == "backward hook":
+        fused[0].register_full_backward_hook(hook)
+    elif why == "backward pre-hook":
+        fused[1].register_full_backward_pre_hook(hook)
+    elif why == "global backward hook":
+        request.addfinalizer(nn.modules.module.register_module_full_backward_hook(hook).remove)
     elif why == "fusion off":
         monkeypatch.setattr(fusion, "enabled", False)
-    x = torch.randn(5, 1)
+    x = torch.randn(5, 1, requires_grad=True)  # (full backward hooks warn without an input gradient)
     if why == "estimator block":
         with bnn_fast.estimator("local"):
             y = fused(x)
@@ -292,6 +314,7 @@ def test_fused_sequential_runs_the_modules_one_by_one_where_fusion_does_not_appl
         y = fused(x)
     y.sum().backward()
     assert calls == [] and fused[0].weight_mu.grad is not None
+    assert bool(fired) == ("hook" in why)  # each hook saw its module run
 
 
 def test_fused_sequential_under_sample_many_and_predictive(calls):

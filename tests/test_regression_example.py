@@ -32,7 +32,7 @@ def test_main_trains_and_saves_the_figure(tmp_path, capsys):
     assert "training: 40 steps" in printed and "prediction: 100 samples" in printed
     assert f"figure: {out.resolve()}" in printed
     # Fused where the kernels run (not under BNN_FAST_FORCE_REFERENCE or without the extension).
-    fusable = bnn_fast.fusion.plan(regression.make_model(), torch.zeros(1, 1)) is not None
+    fusable = bnn_fast.fusion.plan(regression.make_model(), torch.zeros(1, 1), grad=True) is not None
     assert f"fused training: {'yes' if fusable else 'no'}" in printed
 
 

@@ -154,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Run:
     if not args.no_fuse:
         model = bnn.fuse(model)
     # Whether the fused operator will train it (CPU, reparam; see bnn_fast.fusion).
-    fused = type(model) is bnn.FusedSequential and bnn.fusion.plan(model, x) is not None
+    fused = type(model) is bnn.FusedSequential and bnn.fusion.plan(model, x, grad=True) is not None
     print(f"{bnn.backend()}\ndevice: {args.device}, estimator: {args.estimator}, "
           f"fused training: {'yes' if fused else 'no'}")
     start = time.perf_counter()

@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "checks.h"
@@ -44,11 +46,12 @@ BNN_AVX2 inline __m256d load4d(const double* p) { return _mm256_loadu_pd(p); }
 // sigma^2 = exp(2 log_sigma) for 4 elements, widened to double. A float32 input's variance comes
 // from the 8-lane float exp (within an ulp of the float result, which is all a float32
 // log_sigma determines), computed for 8 elements at once and split; float64 uses the double exp.
-// Past log_sigma = 44.36 the float exp overflows: 8 elements with one above 44 take the double
-// exp, as the scalar tail and the CUDA kernel do.
+// Past |log_sigma| = 43.7 the float exp overflows or loses its digits to the subnormals: 8
+// elements with one beyond 43 take the double exp, as the scalar tail and the CUDA kernel do.
 BNN_AVX2 inline void var8(const float* ls, __m256d* lo, __m256d* hi) {
   const __m256 l = _mm256_loadu_ps(ls);
-  if (_mm256_movemask_ps(_mm256_cmp_ps(l, _mm256_set1_ps(44.0f), _CMP_GT_OQ)) != 0) {
+  const __m256 abs_l = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), l);
+  if (_mm256_movemask_ps(_mm256_cmp_ps(abs_l, _mm256_set1_ps(43.0f), _CMP_GT_OQ)) != 0) {
     const __m256d a = _mm256_cvtps_pd(_mm256_castps256_ps128(l));
     const __m256d b = _mm256_cvtps_pd(_mm256_extractf128_ps(l, 1));
     *lo = Sleef_expd4_u10avx2(a + a);
@@ -119,7 +122,15 @@ at::Tensor gaussian_kl_cpu(at::TensorList mu_in, at::TensorList log_sigma_in, do
   });
   double total = 0.0;
   for (double v : partial) total += v;
-  return at::scalar_tensor(total, mu[0].options());
+  // Cast as float arithmetic would (a sum past float32's range is inf; at::scalar_tensor would
+  // raise instead, and CUDA's kernel gives inf).
+  at::Tensor out = at::empty({}, mu[0].options());
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "gaussian_kl_cpu", [&] {
+    constexpr double kMax = std::numeric_limits<scalar_t>::max();
+    const double v = total > kMax ? INFINITY : (total < -kMax ? -INFINITY : total);
+    *out.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(v);
+  });
+  return out;
 }
 
 // grad_mu = g (mu - m) / s^2, grad_log_sigma = g (sigma^2 / s^2 - 1), elementwise.

@@ -253,7 +253,8 @@ at::Tensor bayes_mlp_cpu(const at::Tensor& x_in, const at::Tensor& w1_mu, const 
 //     dW1, db1, dW2 of its units over the samples and rows in order;
 //   pass 2, one task per block of rows: recomputes a and g and sums dx over the hidden units.
 // Each output element is summed by one task in a fixed order: the gradients do not depend on the
-// thread count. The mask (a > 0, false for NaN) is torch.relu's backward; h keeps a NaN.
+// thread count. The mask is torch.relu's backward, threshold_backward(grad, relu(a), 0): the
+// gradient is zeroed where relu(a) <= 0 and passes elsewhere, a NaN included; h keeps a NaN.
 
 constexpr int64_t kUnits = 64;
 
@@ -275,7 +276,7 @@ inline void hidden_and_grad(const T* xr, const T* dyr, const SampleWeights<T>& w
   }
   for (int64_t k = 0; k < L; ++k) {
     const T a = h[k];
-    g[k] = a > T(0) ? g[k] : T(0);
+    g[k] = a <= T(0) ? T(0) : g[k];
     h[k] = a < T(0) ? T(0) : a;
   }
 }
@@ -350,7 +351,7 @@ BNN_AVX2 inline void hidden_and_grad8(const float* xr, const float* dyr,
   for (int o = 0; o < OUT; ++o) {
     g = _mm256_fmadd_ps(_mm256_broadcast_ss(dyr + o), _mm256_loadu_ps(w.w2 + o * hidden + j), g);
   }
-  g = _mm256_and_ps(g, _mm256_cmp_ps(h, zero, _CMP_GT_OQ));  // a > 0 (false for NaN)
+  g = _mm256_and_ps(g, _mm256_cmp_ps(h, zero, _CMP_NLE_UQ));  // !(a <= 0): true for NaN
   h = _mm256_max_ps(zero, h);                                // relu; a NaN passes
 }
 
