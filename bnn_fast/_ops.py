@@ -4,7 +4,6 @@ extension is missing, broken, or disabled with BNN_FAST_FORCE_REFERENCE=1.
 """
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import warnings
@@ -130,12 +129,21 @@ def kernel_dtype(input: Tensor, weight: Tensor) -> Optional[torch.dtype]:
     return weight.dtype
 
 
-@functools.lru_cache(maxsize=None)
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether the compiled operator bnn_fast::`op` has a kernel for `device_type` ("cpu",
-    "cuda"); False without the extension."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return _LOADED and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"bnn_fast::{op}", key)
+    "cuda"); False without the extension. (A table made at import: a plain lookup, which
+    torch.compile traces without a graph break or a warning.)"""
+    return _KERNELS.get((op, device_type), False)
+
+
+def _kernel_table() -> dict:
+    ops = ("bayes_linear", "bayes_linear_inference", "bayes_linear_local", "bayes_linear_flipout",
+           "bayes_mlp_inference", "bayes_mlp", "gaussian_kl", "fill_normal_")
+    return {(op, device): _LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"bnn_fast::{op}", key)
+            for op in ops for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+_KERNELS = _kernel_table()
 
 
 def _to_i64(v: int) -> int:
@@ -144,9 +152,12 @@ def _to_i64(v: int) -> int:
     return v - _U64 if v >= 1 << 63 else v
 
 
+@torch.compiler.disable
 def new_seed() -> int:
     """A fresh 64-bit seed from PyTorch's default CPU generator (torch.manual_seed makes it
-    reproducible; no GPU synchronization)."""
+    reproducible; no GPU synchronization). Always run eagerly: traced by torch.compile, the
+    randint would come from inductor's own generator and the compiled model would draw other
+    weights than the same model run eagerly under the same seed."""
     return int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64).item())
 
 

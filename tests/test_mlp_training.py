@@ -363,3 +363,18 @@ def test_on_cuda_training_runs_the_layers_and_prediction_fuses(monkeypatch, call
     with torch.no_grad():
         assert fused(x).shape == (6, 1)
     assert inference == [1]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_torch_compile_equals_eager(fused):
+    # Fake kernels and the C++ autograd under dynamo/aot_autograd; the seeds are drawn eagerly
+    # (new_seed is excluded from compilation), in the same order, so the same weights are drawn.
+    model = article_net(hidden=24)
+    if fused:
+        model = bnn_fast.fuse(model)
+    x = torch.randn(16, 1)
+    eager_y, eager_g = step_grads(model, x, 9)
+    compiled_y, compiled_g = step_grads(torch.compile(model), x, 9)
+    torch.testing.assert_close(compiled_y, eager_y)
+    for g, w in zip(compiled_g, eager_g):
+        torch.testing.assert_close(g, w)
