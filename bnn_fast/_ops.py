@@ -97,7 +97,7 @@ def reference_path():
 
 def backend() -> BackendInfo:
     """Report the active implementation (see BackendInfo)."""
-    cuda_compiled = _LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("bnn_fast::bayes_linear", "CUDA")
+    cuda_compiled = has_kernel("bayes_linear", "cuda")
     cuda_available = torch.cuda.is_available()
     if not _LOADED:
         name = "reference"

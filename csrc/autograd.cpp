@@ -42,6 +42,11 @@ c10::TypedOperatorHandle<Signature> find_op(const std::string& name) {
       .template typed<Signature>();
 }
 
+// An undefined tensor (what a saved absent optional comes back as) as an absent optional.
+std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 // ---- bayes_linear, bayes_linear_local, bayes_linear_flipout ------------------------------------
 //
 // All three return (y, saved) and have a *_backward(grad_out, x, weight_mu, weight_log_sigma,
@@ -94,8 +99,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction<Name>> {
                                    ctx->needs_input_grad(2), has_bias && ctx->needs_input_grad(3),
                                    has_bias && ctx->needs_input_grad(4)};
     auto [gx, gmu, gls, gbmu, gbls] =
-        op.call(grad_y, x, w_mu, w_ls,
-                b_ls.defined() ? std::optional<at::Tensor>(b_ls) : std::nullopt, saved[4],
+        op.call(grad_y, x, w_mu, w_ls, defined_or_none(b_ls), saved[4],
                 ctx->saved_data["seed"].toInt(), ctx->saved_data["n_samples"].toInt(), mask);
     if (mask[0] && gx.sizes() != x.sizes()) gx = gx.reshape(x.sizes());  // x broadcast over S
     return {mask[0] ? gx : at::Tensor(), mask[1] ? gmu : at::Tensor(),
@@ -188,10 +192,6 @@ using MlpBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, a
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, int64_t, int64_t, std::array<bool, 9>);
-
-std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
 
 class MlpFunction : public torch::autograd::Function<MlpFunction> {
  public:

@@ -23,7 +23,9 @@
 #include <tuple>
 #include <utility>
 
+#include "bias_grads.h"
 #include "checks.h"
+#include "cpu/noise.h"
 #include "cpu/sample.h"
 #include "mlp.h"
 #include "cpu/simd.h"
@@ -589,11 +591,14 @@ MlpGrads bayes_mlp_backward_cpu(
   if (mask[4]) grads[4] = gb1_ls;
   if (mask[5]) grads[5] = gw2_mu;
   if (mask[6]) grads[6] = gw2_ls;
-  if (mask[7] || mask[8]) {
-    // db2 = sum over samples and rows of dy; grad_log_sigma folds each sample's sum.
-    const at::Tensor db2 = dy.sum(1);  // [S, out]
-    if (mask[7]) grads[7] = db2.sum(0);
-    if (mask[8]) grads[8] = (db2 * (w.b2 - b2_mu->contiguous())).sum(0);
+  if (has_b2) {
+    // Layer 2's bias gradients, as bayes_linear_backward computes them (its noise: stream 1 of
+    // seed2).
+    sampled_bias_grads(dy, *b2_ls, mask[7], mask[8], [&] {
+      at::Tensor eps = at::empty({S * out}, opts.dtype(at::kFloat));
+      fill_normal_parallel(eps.mutable_data_ptr<float>(), S * out, uint64_t(seed2), 1, 0);
+      return eps;
+    }, grads[7], grads[8]);
   }
   return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5], grads[6], grads[7],
           grads[8]};
