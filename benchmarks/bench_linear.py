@@ -12,6 +12,11 @@ torchbnn, nn.Linear), sanity checks of bnn_fast's outputs against torchbnn's, a 
 time against batch size (results/linear_<device>.png), and the issue's targets: >= 5x faster than
 torchbnn at batch 1 and 32 and >= 1.5x at batch 256 (forward+backward, 1024x1024), and forward
 alone at batch 1 within 3x of nn.Linear.
+
+On a GPU also the issue's GPU targets (gpu_targets): the 4096x4096 forward at batch 1..16 at >= 70%
+of the floor of reading mu and log_sigma once (at the measured copy bandwidth), forward+backward
+>= 3x faster than torchbnn, and at batch 4096 within 1.2x of nn.Linear plus one sampling pass;
+and the fused / sample-then-GEMM crossover by batch.
 """
 import functools
 import gc
@@ -169,6 +174,110 @@ def sanity(runner, layers, device):
 CROSSOVER_BATCHES = (1, 2, 4, 8, 16, 32)
 CROSSOVER_SIZES = (1024, 4096)
 
+# The issue's GPU targets (4096x4096, float32).
+GPU_FEATURES = 4096
+GPU_SMALL_BATCHES = (1, 2, 4, 8, 16)  # forward at >= 70% of the floor of reading mu and log_sigma once
+GPU_BANDWIDTH_FRACTION = 0.70
+GPU_TRAIN_SPEEDUP = 3.0  # forward+backward vs torchbnn, every configuration
+GPU_LARGE_BATCH = 4096  # within 1.2x of nn.Linear plus one sampling pass
+GPU_LARGE_VS_LINEAR = 1.2
+GPU_CROSSOVER_BATCHES = (1, 4, 8, 12, 16, 24, 32)
+
+
+def copy_bandwidth(runner) -> float:
+    """Bytes per second of a 1 GiB device-to-device copy, counting bytes read plus bytes written:
+    the memory-bandwidth ceiling the floors below are measured against."""
+    src = torch.randn(2**28, device=runner.device)
+    dst = torch.empty_like(src)
+    label = "GPU device-to-device copy"
+    runner.measure([harness.Case(label, "Tensor.copy_", "1 GiB", lambda: dst.copy_(src))])
+    return 2 * src.nbytes / runner.median(label, "Tensor.copy_", "1 GiB")
+
+
+def with_env(name, value, step):
+    """`step` run with the environment variable `name` set to `value` (read on every call)."""
+    def run():
+        before = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return step()
+        finally:
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
+    return run
+
+
+def gpu_targets(runner):
+    """The issue's GPU targets on a 4096x4096 float32 layer: the forward at batch 1..16 against the
+    floor of reading mu and log_sigma once at the measured copy bandwidth; the forward and the
+    forward+backward at batch 4096 against nn.Linear plus one ideal sampling pass (read mu and
+    log_sigma, write W, at the copy bandwidth); and the fused-kernel / sample-then-GEMM crossover
+    (BNN_FAST_CUDA_FUSED_MAX_ROWS forces either path)."""
+    device, f = runner.device, GPU_FEATURES
+    bandwidth = copy_bandwidth(runner)
+    torch.manual_seed(0)
+    layer = bnn_fast.BayesLinear(PRIOR_MU, PRIOR_SIGMA, f, f).to(device)
+    linear = nn.Linear(f, f).to(device)
+    weight_bytes = layer.weight_mu.nbytes
+    read_floor = 2 * weight_bytes / bandwidth
+    label = f"GPU forward (no_grad), {f}x{f}"
+    rows = []
+    for batch in GPU_SMALL_BATCHES:
+        x = torch.randn(batch, f, device=device)
+        runner.measure([harness.Case(label, "bnn_fast", column(f, batch), forward_step(layer, x)),
+                        harness.Case(label, "nn.Linear", column(f, batch), forward_step(linear, x))])
+        t = runner.median(label, "bnn_fast", column(f, batch))
+        fraction = read_floor / t
+        rows.append([batch, f"{t * 1e6:.1f}", f"{read_floor * 1e6:.1f}", f"{fraction:.2f}",
+                     f"{2 * weight_bytes / t / 1e12:.2f}"])
+        runner.check(f"GPU forward at the memory floor, {column(f, batch)} (floor time / time)",
+                     fraction, ">=", GPU_BANDWIDTH_FRACTION)
+    runner.add_table(
+        f"GPU forward (no_grad) against the floor of reading mu and log_sigma once "
+        f"({2 * weight_bytes / 2**20:.0f} MiB at the copy's {bandwidth / 1e12:.2f} TB/s)",
+        ["batch", "bnn_fast us", "floor us", "floor / time", "effective TB/s"], rows)
+
+    x = torch.randn(GPU_LARGE_BATCH, f, device=device, requires_grad=True)
+    grad_out = torch.randn(GPU_LARGE_BATCH, f, device=device)
+    big = column(f, GPU_LARGE_BATCH)
+    sampling_pass = 3 * weight_bytes / bandwidth
+    large_rows = []
+    for mode, make in (("forward (no_grad)", lambda m: forward_step(m, x)),
+                       ("forward+backward", lambda m: train_step(m, m, x, grad_out))):
+        big_label = f"GPU {mode}, {f}x{f}, batch {GPU_LARGE_BATCH}"
+        runner.measure([harness.Case(big_label, "bnn_fast", big, make(layer)),
+                        harness.Case(big_label, "nn.Linear", big, make(linear))])
+        t_bf, t_lin = runner.median(big_label, "bnn_fast", big), runner.median(big_label, "nn.Linear", big)
+        ratio = t_bf / (t_lin + sampling_pass)
+        large_rows.append([mode, f"{t_bf * 1e3:.3f}", f"{t_lin * 1e3:.3f}", f"{sampling_pass * 1e3:.3f}", f"{ratio:.2f}x"])
+        runner.check(f"GPU {mode} {big}: time / (nn.Linear + one sampling pass)", ratio, "<=", GPU_LARGE_VS_LINEAR)
+    runner.add_table(
+        "GPU at large batch: bnn_fast against nn.Linear plus one ideal sampling pass "
+        "(read mu and log_sigma, write W, at the copy bandwidth)",
+        ["mode", "bnn_fast ms", "nn.Linear ms", "sampling pass ms", "ratio"], large_rows)
+    del x, grad_out
+
+    cross = "GPU forward (no_grad): fused kernel vs sample W then GEMM"
+    paths = {"fused (W never written)": "16", "sample W, then GEMM": "0"}
+    for features in CROSSOVER_SIZES:
+        torch.manual_seed(0)
+        crossing = layer if features == f else bnn_fast.BayesLinear(PRIOR_MU, PRIOR_SIGMA, features, features).to(device)
+        for batch in GPU_CROSSOVER_BATCHES:
+            x = torch.randn(batch, features, device=device)
+            cases = [harness.Case(cross, name, column(features, batch),
+                                  with_env("BNN_FAST_CUDA_FUSED_MAX_ROWS", rows, forward_step(crossing, x)))
+                     for name, rows in paths.items() if batch <= 16 or rows == "0"]
+            runner.measure(cases)
+    runner.add_table(
+        "GPU forward (no_grad): sample-W-then-GEMM time / fused time (> 1: fused is faster; the "
+        "default fuses up to 16 rows)",
+        ["layer"] + [f"b={b}" for b in GPU_CROSSOVER_BATCHES if b <= 16],
+        [[f"{c}x{c}"] + [f"{runner.ratio(cross, column(c, b), 'sample W, then GEMM', 'fused (W never written)'):.2f}x"
+                         for b in GPU_CROSSOVER_BATCHES if b <= 16] for c in CROSSOVER_SIZES],
+    )
+
 
 def crossover(runner):
     """CPU forward without grad: the blocked fused path against sample-W-then-GEMM, by batch."""
@@ -257,16 +366,24 @@ def main(argv=None):
         [[label] + [f"{runner.ratio(label, column(*c), 'bnn_fast', 'nn.Linear'):.2f}x" for c in CONFIGS]
          for label in (train_label, forward_label)],
     )
-    for batch, target in SPEEDUP_TARGETS.items():
-        speedup = runner.ratio(train_label, column(1024, batch), "torchbnn", "bnn_fast")
-        runner.check(f"forward+backward speedup vs torchbnn, {column(1024, batch)}", speedup, ">=", target)
-    for features in sorted({f for f, _ in CONFIGS}):
-        slowdown = runner.ratio(forward_label, column(features, 1), "bnn_fast", "nn.Linear")
-        runner.check(f"forward (no_grad) time / nn.Linear time, {column(features, 1)}", slowdown, "<=", FORWARD_VS_LINEAR_TARGET)
+    if device.type == "cpu":  # the issue's CPU targets
+        for batch, target in SPEEDUP_TARGETS.items():
+            speedup = runner.ratio(train_label, column(1024, batch), "torchbnn", "bnn_fast")
+            runner.check(f"forward+backward speedup vs torchbnn, {column(1024, batch)}", speedup, ">=", target)
+        for features in sorted({f for f, _ in CONFIGS}):
+            slowdown = runner.ratio(forward_label, column(features, 1), "bnn_fast", "nn.Linear")
+            runner.check(f"forward (no_grad) time / nn.Linear time, {column(features, 1)}", slowdown, "<=",
+                         FORWARD_VS_LINEAR_TARGET)
+    else:
+        for f, batch in CONFIGS:
+            speedup = runner.ratio(train_label, column(f, batch), "torchbnn", "bnn_fast")
+            runner.check(f"GPU forward+backward speedup vs torchbnn, {column(f, batch)}", speedup, ">=", GPU_TRAIN_SPEEDUP)
 
     plot(runner)
     if device.type == "cpu" and bnn_fast.backend().cpp:
         crossover(runner)
+    if device.type == "cuda" and bnn_fast.backend().cuda_compiled:
+        gpu_targets(runner)
     runner.finish(baseline="torchbnn")
 
 

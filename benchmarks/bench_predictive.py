@@ -52,8 +52,9 @@ PRIOR_MU, PRIOR_SIGMA, HIDDEN = 0.0, 0.1, 1000
 TEST_POINTS, TRAIN_POINTS = 300, 500
 ARTICLE_SAMPLES, QUICK_SAMPLES = 10_000, 1_000
 SCALING_SAMPLES, QUICK_SCALING_SAMPLES = (10**3, 10**4, 10**5), (10**3, 10**4)
+GPU_SCALING_SAMPLES = (10**3, 10**4, 10**5, 10**6)  # a GPU's chunks are large: up to 10^6 in seconds
 CHUNK_SIZES = (2, 10, 50)
-MEMORY_CHUNK = 20  # the chunk size of the memory-vs-samples table
+MEMORY_CHUNKS = {"cpu": 20, "cuda": 200}  # the chunk size of the memory-vs-samples table
 ROUNDS = 3  # interleaved timed runs of each compared case (after one untimed round)
 TRAIN_STEPS, QUICK_TRAIN_STEPS = 2000, 500
 LR, KL_WEIGHT = 0.01, 0.01
@@ -194,7 +195,7 @@ def plot(runner, label, scaling, peaks, chunk_sizes, article_samples):
     ax_time.legend(fontsize="small")
     ax_mem.plot(scaling, [peaks[s] for s in scaling], marker="o")
     for s in scaling:
-        ax_mem.annotate(f"chunk {MEMORY_CHUNK}", (s, peaks[s]), textcoords="offset points", xytext=(0, 6),
+        ax_mem.annotate(f"chunk {MEMORY_CHUNKS[runner.device.type]}", (s, peaks[s]), textcoords="offset points", xytext=(0, 6),
                         ha="center", fontsize="small")
     ax_mem.set(xscale="log", xlabel="samples", ylabel="peak MiB above the start",
                title=f"bnn_fast predictive peak memory ({runner.device.type})")
@@ -212,7 +213,8 @@ def main(argv=None):
     runner = harness.Runner("predictive", args, min_run_time=MIN_RUN_TIME)
     device = runner.device
     article_samples = QUICK_SAMPLES if args.quick else ARTICLE_SAMPLES
-    scaling = QUICK_SCALING_SAMPLES if args.quick else SCALING_SAMPLES
+    scaling = QUICK_SCALING_SAMPLES if args.quick else (GPU_SCALING_SAMPLES if device.type == "cuda" else SCALING_SAMPLES)
+    memory_chunk = MEMORY_CHUNKS[device.type]
     steps = QUICK_TRAIN_STEPS if args.quick else TRAIN_STEPS
     tb_model, bf_model = make_models(device)
     x_test = torch.linspace(-2, 2, TEST_POINTS, device=device).unsqueeze(1)
@@ -249,7 +251,7 @@ def main(argv=None):
     if device.type == "cpu":
         harness.mmap_large_cpu_blocks()
     print("peak memory (one call each, under the profiler on the CPU)", flush=True)
-    peaks = {s: measure_peak(runner, lambda s=s: bf_predict(s, MEMORY_CHUNK)) for s in scaling}
+    peaks = {s: measure_peak(runner, lambda s=s: bf_predict(s, memory_chunk)) for s in scaling}
     default_peak = measure_peak(runner, lambda: bf_predict(article_samples))
     chunk_peaks = {c: measure_peak(runner, lambda c=c: bf_predict(article_samples, c)) for c in CHUNK_SIZES}
     if device.type == "cpu":
@@ -270,7 +272,7 @@ def main(argv=None):
     runner.add_table(
         f"bnn_fast predictive: time and peak memory vs samples ({device.type})",
         ["samples", "chunk size (default)", "median time (default chunks)",
-         f"peak MiB above the start (chunks of {MEMORY_CHUNK})"],
+         f"peak MiB above the start (chunks of {memory_chunk})"],
         [[f"{s:,}", chunk_sizes[s], harness.format_time(runner.median(predict_label, "bnn_fast", column(s))),
           f"{peaks[s]:.1f}"] for s in scaling],
     )

@@ -49,7 +49,17 @@ def parse_args(doc: str, argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="short runs: a smoke test, the numbers are noisy")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
-    return parser.parse_args(argv)
+    parser.add_argument("--min-run-time", type=float, default=None, metavar="SECONDS",
+                        help="seconds of timed runs per case, for every suite (default: each suite's own; "
+                             "a GPU's timings are steady enough for 0.2 where a lease is short)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds of the interleaved cases (default: each suite's own)")
+    args = parser.parse_args(argv)
+    if args.min_run_time is not None and args.min_run_time <= 0:
+        parser.error("--min-run-time must be positive")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
 
 
 def device_available(device: str) -> bool:
@@ -187,7 +197,10 @@ class Runner:
         self.suite = suite
         self.args = args
         self.device = torch.device(args.device)
-        self.min_run_time = QUICK_MIN_RUN_TIME if args.quick else min_run_time
+        if args.min_run_time is not None:
+            self.min_run_time = args.min_run_time
+        else:
+            self.min_run_time = QUICK_MIN_RUN_TIME if args.quick else min_run_time
         self.measurements: list[benchmark.Measurement] = []
         self.tables: list[tuple[str, list, list[list]]] = []  # (title, header, rows)
         self.targets: list[dict] = []
@@ -198,7 +211,8 @@ class Runner:
         """Times each case once per round, the cases alternating within a round, and keeps the
         `rounds` times of each (median over rounds). For cases that take seconds, where a slow
         drift of the machine would otherwise fall on whichever case ran last; one untimed round
-        first warms every case up."""
+        first warms every case up. --rounds overrides `rounds`."""
+        rounds = self.args.rounds or rounds
         timers = [
             benchmark.Timer(stmt="stmt()", globals={"stmt": c.stmt}, label=c.label, sub_label=c.sub_label,
                             description=c.description, num_threads=self.args.threads)
@@ -270,6 +284,8 @@ class Runner:
         parts = [f"# `{self.suite}` benchmark on {self.args.device}", ""]
         parts += [f"- {key}: {value}" for key, value in info.items()]
         parts.append(f"- min_run_time per case: {self.min_run_time} s{' (--quick)' if self.args.quick else ''}")
+        if self.args.rounds:
+            parts.append(f"- interleaved rounds: {self.args.rounds} (--rounds)")
         for label in _unique(m.label for m in self.measurements):
             ms = [m for m in self.measurements if m.label == label]
             columns = _unique(m.description for m in ms)

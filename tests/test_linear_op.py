@@ -198,6 +198,22 @@ def test_cuda_equals_cpu(N):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels compiled")
+@pytest.mark.parametrize("max_rows", ["0", "16"])  # the sample-then-GEMM path; the fused kernel up to 16 rows
+@pytest.mark.parametrize("N", range(1, 18))  # every row count the fused kernel is instantiated for
+@pytest.mark.parametrize("in_f,offset", [(132, 0), (70, 0), (132, 1)])  # float4 loads; element loads (in % 4, alignment)
+def test_cuda_both_forward_paths_equal_reference(monkeypatch, max_rows, N, in_f, offset):
+    monkeypatch.setenv("BNN_FAST_CUDA_FUSED_MAX_ROWS", max_rows)
+    for dtype in (torch.float32, torch.float64):
+        mu, ls, bmu, bls = make_layer(9, in_f, dtype, "cuda", seed=N)
+        # offset 1: x starts 1 element into its storage, so it is not 16-byte aligned
+        x = torch.randn(offset + 2 * N * in_f, dtype=dtype, device="cuda")[offset:].view(2, N, in_f)
+        got = torch.ops.bnn_fast.bayes_linear(x, mu, ls, bmu, bls, 5, 2)[0]
+        torch.testing.assert_close(got, reference_with_kernel_noise(x, mu, ls, bmu, bls, 5, 2), **TOL[dtype])
+        got = torch.ops.bnn_fast.bayes_linear_inference(x[:1], mu, ls, None, None, 6, 3)
+        torch.testing.assert_close(got, reference_with_kernel_noise(x[:1], mu, ls, None, None, 6, 3), **TOL[dtype])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the CUDA kernels compiled")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("N", [4, 64])
 def test_cuda_low_precision_against_float32(dtype, N):

@@ -40,7 +40,8 @@ inline unsigned int grid_for(int64_t n, int threads = kThreads) {
 }
 
 // z[k] = normal(seed, stream_id, base + k), k < 4: one Philox block when base is aligned, two
-// otherwise.
+// otherwise. Every array index is a compile-time constant (selects, not a runtime index), so the
+// arrays stay in registers rather than local memory.
 __device__ __forceinline__ void normals4(uint64_t seed, uint64_t stream_id, uint64_t base,
                                          float z[4]) {
   const uint64_t block = base >> 2;
@@ -48,12 +49,22 @@ __device__ __forceinline__ void normals4(uint64_t seed, uint64_t stream_id, uint
   float a[4];
   box_muller4(philox_block(seed, stream_id, block), a);
   if (shift == 0) {
+#pragma unroll
     for (int k = 0; k < 4; ++k) z[k] = a[k];
     return;
   }
   float b[4];
   box_muller4(philox_block(seed, stream_id, block + 1), b);
-  for (int k = 0; k < 4; ++k) z[k] = (shift + k < 4) ? a[shift + k] : b[shift + k - 4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const unsigned i = shift + unsigned(k);  // 1..6: a[i] for i < 4, else b[i - 4]
+    float v = b[2];
+#pragma unroll
+    for (unsigned c = 0; c < 6; ++c) {
+      if (i == c + 1) v = c + 1 < 4 ? a[c + 1] : b[c - 3];
+    }
+    z[k] = v;
+  }
 }
 
 // Grid-stride loop over the Philox blocks of [0, total): calls f(i, z) for every i < total with

@@ -49,8 +49,10 @@ cudaError_t launch_sample(DType dtype, const void* mu, const void* log_sigma, vo
 
 // Small-batch forward without materializing W: y[s, n, o] = sum_j W_s[o, j] x[xs, n, j] + b_s[o]
 // with W_s and b_s generated in registers. x: [x_samples, N, in] contiguous (x_samples 1 or S),
-// y: [S, N, out]. N <= kFusedMaxRows. b_mu/b_log_sigma may be null.
-constexpr int kFusedMaxRows = 8;
+// y: [S, N, out]. N <= kFusedMaxRows. b_mu/b_log_sigma may be null. The host uses it for
+// N <= fused_max_rows() (cuda/linear.cpp): kFusedDefaultRows, or BNN_FAST_CUDA_FUSED_MAX_ROWS.
+constexpr int kFusedMaxRows = 16;
+constexpr int kFusedDefaultRows = 16;
 cudaError_t launch_linear_fused_small_batch(DType dtype, const void* x, const void* w_mu,
                                             const void* w_log_sigma, const void* b_mu,
                                             const void* b_log_sigma, void* y, int64_t x_samples,

@@ -1,10 +1,12 @@
-// bayes_linear on CUDA: checks, then the fused small-batch kernel (N <= kFusedMaxRows) or one
+// bayes_linear on CUDA: checks, then the fused small-batch kernel (N <= fused_max_rows()) or one
 // sampling pass plus cuBLAS through ATen. The backward rebuilds W from (seed, stream) into a
 // temporary for grad_x and regenerates the noise inside the weight-gradient kernel, so the
 // forward saves nothing weight-sized.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <cstdlib>
 
 #include "bias_grads.h"
 #include "checks.h"
@@ -13,6 +15,15 @@
 namespace bnn_fast {
 namespace cuda {
 namespace {
+
+// The fused small-batch kernel runs for 1 <= N <= this: kFusedDefaultRows, or
+// BNN_FAST_CUDA_FUSED_MAX_ROWS (read on every call, clamped to [0, kFusedMaxRows]; 0 always takes
+// the sample-then-GEMM path). benchmarks/bench_linear.py measures the crossover with it.
+int64_t fused_max_rows() {
+  const char* env = std::getenv("BNN_FAST_CUDA_FUSED_MAX_ROWS");
+  if (env == nullptr || *env == '\0') return kFusedDefaultRows;
+  return std::clamp<int64_t>(std::strtoll(env, nullptr, 10), 0, kFusedMaxRows);
+}
 
 std::tuple<at::Tensor, at::Tensor> bayes_linear_cuda(const at::Tensor& x_in,
                                                      const at::Tensor& w_mu_in,
@@ -30,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_cuda(const at::Tensor& x_in,
   const at::Tensor b_mu = has_bias ? b_mu_in->contiguous() : at::Tensor();
   const at::Tensor b_ls = has_bias ? b_ls_in->contiguous() : at::Tensor();
   const at::Tensor saved = at::empty({0}, x_in.options());
-  if (N >= 1 && N <= kFusedMaxRows) {
+  if (N >= 1 && N <= fused_max_rows()) {
     const at::Tensor x = x_in.contiguous();
     at::Tensor y = at::empty({S, N, out}, x.options());
     BNN_CUDA_CHECK("bayes_linear",
