@@ -215,7 +215,7 @@ def main(argv=None):
     article_samples = QUICK_SAMPLES if args.quick else ARTICLE_SAMPLES
     scaling = QUICK_SCALING_SAMPLES if args.quick else (GPU_SCALING_SAMPLES if device.type == "cuda" else SCALING_SAMPLES)
     memory_chunk = MEMORY_CHUNKS[device.type]
-    steps = QUICK_TRAIN_STEPS if args.quick else TRAIN_STEPS
+    steps = args.train_steps or (QUICK_TRAIN_STEPS if args.quick else TRAIN_STEPS)
     tb_model, bf_model = make_models(device)
     x_test = torch.linspace(-2, 2, TEST_POINTS, device=device).unsqueeze(1)
 

@@ -54,7 +54,11 @@ def parse_args(doc: str, argv=None) -> argparse.Namespace:
                              "a GPU's timings are steady enough for 0.2 where a lease is short)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed rounds of the interleaved cases (default: each suite's own)")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="bench_predictive: training steps (default: 2000, or 500 with --quick)")
     args = parser.parse_args(argv)
+    if args.train_steps is not None and args.train_steps < 1:
+        parser.error("--train-steps must be at least 1")
     if args.min_run_time is not None and args.min_run_time <= 0:
         parser.error("--min-run-time must be positive")
     if args.rounds is not None and args.rounds < 1:

@@ -15,9 +15,11 @@
 # benchmark results (results/<suite>_cuda.{md,json,png}) are also packed into
 # $LOG_DIR/gpu_results.tgz. The card is named in every results file (machine.gpu).
 #
-# Knobs: PYTHON, MAX_JOBS (16), BNN_FAST_CUDA_ARCH (9.0), TEST_TIMEOUT (300 s), BENCH_TIMEOUT (per
-# suite, 240 s), MIN_RUN_TIME (0.2 s of timed runs per case: a GPU's timings are steady), ROUNDS
-# (2 interleaved rounds), SANITIZE_TIMEOUT (150 s), SUITES ("bench_linear bench_predictive bench_kl bench_estimators").
+# Knobs: PYTHON, MAX_JOBS (16), BNN_FAST_CUDA_ARCH (9.0), TEST_ARGS (extra pytest arguments,
+# e.g. "-k cuda"), TEST_WORKERS (8), TEST_TIMEOUT (300 s), BENCH_TIMEOUT (per suite, 240 s),
+# MIN_RUN_TIME (0.2 s of timed runs per case: a GPU's timings are steady), ROUNDS (2 interleaved
+# rounds), BENCH_ARGS (extra suite arguments, e.g. "--train-steps 200"), SANITIZE_TIMEOUT (150 s),
+# SUITES ("bench_linear bench_predictive bench_kl bench_estimators").
 #
 # The anchors (torchbnn, bayesian-torch, blitz) are pure Python: where pip cannot reach PyPI,
 # carry their wheels in .whl/ (pip download --no-deps -d .whl torchbnn==1.2 bayesian-torch==0.5.0
@@ -66,9 +68,9 @@ if want test; then
   $PY -c "import bnn_fast, sys; b = bnn_fast.backend(); print(b); sys.exit(0 if b.cuda_compiled and b.cuda_available else 1)" || exit 3
 
   xdist=()
-  $PY -c "import xdist" 2>/dev/null && xdist=(-n 8)
+  $PY -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-8}")
   start=$SECONDS
-  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -rs --tb=short -p no:cacheprovider "${xdist[@]}" tests \
+  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -rs --tb=short -p no:cacheprovider "${xdist[@]}" ${TEST_ARGS:-} tests \
     >"$LOG_DIR/gpu_tests.txt" 2>&1
   tests_rc=$?
   echo "tests: rc $tests_rc in $((SECONDS - start)) s"
@@ -80,7 +82,7 @@ if want bench; then
     start=$SECONDS
     echo "===== $suite =====" >>"$LOG_DIR/gpu_bench.txt"
     timeout "${BENCH_TIMEOUT:-240}" $PY -m benchmarks.$suite --device cuda \
-      --min-run-time "${MIN_RUN_TIME:-0.2}" --rounds "${ROUNDS:-2}" >>"$LOG_DIR/gpu_bench.txt" 2>&1
+      --min-run-time "${MIN_RUN_TIME:-0.2}" --rounds "${ROUNDS:-2}" ${BENCH_ARGS:-} >>"$LOG_DIR/gpu_bench.txt" 2>&1
     echo "$suite: rc $? in $((SECONDS - start)) s" | tee -a "$LOG_DIR/gpu_bench.txt"
     tar czf "$LOG_DIR/gpu_results.tgz" "$RESULTS"/*_cuda.* 2>/dev/null
   done

@@ -50,9 +50,8 @@ cudaError_t launch_sample(DType dtype, const void* mu, const void* log_sigma, vo
 // Small-batch forward without materializing W: y[s, n, o] = sum_j W_s[o, j] x[xs, n, j] + b_s[o]
 // with W_s and b_s generated in registers. x: [x_samples, N, in] contiguous (x_samples 1 or S),
 // y: [S, N, out]. N <= kFusedMaxRows. b_mu/b_log_sigma may be null. The host uses it for
-// N <= fused_max_rows() (cuda/linear.cpp): kFusedDefaultRows, or BNN_FAST_CUDA_FUSED_MAX_ROWS.
+// N <= fused_max_rows(in * out) (cuda/linear.cpp).
 constexpr int kFusedMaxRows = 16;
-constexpr int kFusedDefaultRows = 16;
 cudaError_t launch_linear_fused_small_batch(DType dtype, const void* x, const void* w_mu,
                                             const void* w_log_sigma, const void* b_mu,
                                             const void* b_log_sigma, void* y, int64_t x_samples,
@@ -61,7 +60,8 @@ cudaError_t launch_linear_fused_small_batch(DType dtype, const void* x, const vo
                                             cudaStream_t stream);
 
 // grad_mu[j] = sum_s dw[s, j]; grad_log_sigma[j] = sum_s dw[s, j] * eps_s[j] * exp(log_sigma[j]),
-// eps regenerated from (seed, stream 0). dw: [S, numel].
+// eps regenerated from (seed, stream 0). dw: [S, numel]. grad_mu may be null: not written (one
+// sample, where dw is grad_mu already).
 cudaError_t launch_weight_grads(DType dtype, const void* dw, const void* log_sigma, void* grad_mu,
                                 void* grad_log_sigma, int64_t numel, int64_t n_samples,
                                 uint64_t seed, cudaStream_t stream);

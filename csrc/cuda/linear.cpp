@@ -1,4 +1,4 @@
-// bayes_linear on CUDA: checks, then the fused small-batch kernel (N <= fused_max_rows()) or one
+// bayes_linear on CUDA: checks, then the fused small-batch kernel (N <= fused_max_rows(in * out)) or one
 // sampling pass plus cuBLAS through ATen. The backward rebuilds W from (seed, stream) into a
 // temporary for grad_x and regenerates the noise inside the weight-gradient kernel, so the
 // forward saves nothing weight-sized.
@@ -16,13 +16,19 @@ namespace bnn_fast {
 namespace cuda {
 namespace {
 
-// The fused small-batch kernel runs for 1 <= N <= this: kFusedDefaultRows, or
-// BNN_FAST_CUDA_FUSED_MAX_ROWS (read on every call, clamped to [0, kFusedMaxRows]; 0 always takes
-// the sample-then-GEMM path). benchmarks/bench_linear.py measures the crossover with it.
-int64_t fused_max_rows() {
+// The fused small-batch kernel runs for 1 <= N <= fused_max_rows(weights). Measured on an H200
+// (benchmarks/bench_linear.py, the GPU crossover table): at 4096x4096 the fused kernel is 1.1x
+// faster up to 8 rows, even at 12 and 0.8x at 16 (it is bound by generating the noise, while the
+// GEMM path reads the weight twice more); at 1024x1024, where both are launch-bound, it is 1.9-3.5x
+// faster up to 16 rows. So: up to 16 rows for at most 2^22 weights (between the two measured
+// sizes), else up to 8. BNN_FAST_CUDA_FUSED_MAX_ROWS (read on every call, clamped to [0,
+// kFusedMaxRows]; 0 always takes the sample-then-GEMM path) overrides it.
+int64_t fused_max_rows(int64_t weights) {
   const char* env = std::getenv("BNN_FAST_CUDA_FUSED_MAX_ROWS");
-  if (env == nullptr || *env == '\0') return kFusedDefaultRows;
-  return std::clamp<int64_t>(std::strtoll(env, nullptr, 10), 0, kFusedMaxRows);
+  if (env != nullptr && *env != '\0') {
+    return std::clamp<int64_t>(std::strtoll(env, nullptr, 10), 0, kFusedMaxRows);
+  }
+  return weights <= (int64_t(1) << 22) ? kFusedMaxRows : 8;
 }
 
 std::tuple<at::Tensor, at::Tensor> bayes_linear_cuda(const at::Tensor& x_in,
@@ -41,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_cuda(const at::Tensor& x_in,
   const at::Tensor b_mu = has_bias ? b_mu_in->contiguous() : at::Tensor();
   const at::Tensor b_ls = has_bias ? b_ls_in->contiguous() : at::Tensor();
   const at::Tensor saved = at::empty({0}, x_in.options());
-  if (N >= 1 && N <= fused_max_rows()) {
+  if (N >= 1 && N <= fused_max_rows(in * out)) {
     const at::Tensor x = x_in.contiguous();
     at::Tensor y = at::empty({S, N, out}, x.options());
     BNN_CUDA_CHECK("bayes_linear",
@@ -85,12 +91,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
   }
   if (mask[1] || mask[2]) {
     const at::Tensor dw = at::bmm(dy.transpose(1, 2), x.expand({S, N, in}));  // [S, out, in]
-    gmu = at::empty_like(w_mu);
+    // One sample: dW itself is grad_mu, so the kernel writes grad_log_sigma alone and the step
+    // holds two weight-sized buffers (the two gradients) instead of three.
+    gmu = S == 1 ? dw.view_as(w_mu) : at::empty_like(w_mu);
     gls = at::empty_like(w_mu);
     BNN_CUDA_CHECK("bayes_linear_backward",
                    launch_weight_grads(dt, dw.const_data_ptr(), w_ls.const_data_ptr(),
-                                       gmu.mutable_data_ptr(), gls.mutable_data_ptr(),
-                                       w_mu.numel(), S, uint64_t(seed), current_stream()));
+                                       S == 1 ? nullptr : gmu.mutable_data_ptr(),
+                                       gls.mutable_data_ptr(), w_mu.numel(), S, uint64_t(seed),
+                                       current_stream()));
   }
   if (b_ls.has_value()) {
     sampled_bias_grads(dy, *b_ls, mask[3], mask[4], [&] {

@@ -8,7 +8,8 @@
 //   reading mu and log_sigma. x rows (N <= kFusedMaxRows) stay in L1/L2. Templated on N, so the
 //   per-row accumulators are registers.
 // weight_grads_kernel: grad_mu = sum_s dW_s, grad_log_sigma = sum_s dW_s * eps_s * sigma with eps
-//   regenerated from (seed, stream 0): nothing weight-sized is saved by the forward.
+//   regenerated from (seed, stream 0): nothing weight-sized is saved by the forward. grad_mu may
+//   be null (one sample: the caller uses dW as grad_mu).
 // All indices are 64-bit; every kernel bounds-checks its own range.
 #include <type_traits>
 
@@ -127,7 +128,7 @@ cudaError_t launch_fused_rows(int64_t rows, unsigned blocks, cudaStream_t stream
 
 template <typename T>
 __global__ void weight_grads_kernel(const T* __restrict__ dw, const T* __restrict__ ls,
-                                    T* __restrict__ gmu, T* __restrict__ gls, int64_t numel,
+                                    T* __restrict__ gmu /* may be null */, T* __restrict__ gls, int64_t numel,
                                     int64_t n_samples, uint64_t seed) {
   using A = typename Acc<T>::type;
   const int64_t n_quads = (numel + 3) / 4;
@@ -150,7 +151,7 @@ __global__ void weight_grads_kernel(const T* __restrict__ dw, const T* __restric
     for (int k = 0; k < 4; ++k) {
       const int64_t j = j0 + k;
       if (j < numel) {
-        gmu[j] = from_acc<T>(sum_g[k]);
+        if (gmu != nullptr) gmu[j] = from_acc<T>(sum_g[k]);
         gls[j] = from_acc<T>(sum_ge[k] * exp(to_acc(ls[j])));
       }
     }
