@@ -94,6 +94,12 @@ def _extensions():
     cxx = ["-O3", "-std=c++20", "-fno-fast-math", "-ffp-contract=off", "-Wno-psabi", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, csrc)]
     define_macros = []
+    # An explicit -lstdc++ after the objects: the extension then always uses the process's
+    # libstdc++ (the one PyTorch loaded). A compiler wrapper that links -static-libstdc++ (the
+    # GPU machine's /opt/gcc/bin/g++ does) otherwise put a private copy of the library into _C,
+    # whose stream code used the other copy's locale: every error message with a number in it
+    # segfaulted there (here, built the same way, the numbers were silently missing).
+    link = ["-fopenmp"] + (["-lstdc++"] if sys.platform.startswith("linux") else [])
     if build_cuda:
         sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cpp")))
         sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
@@ -106,7 +112,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
             py_limited_api=True,
         )
     else:
@@ -116,7 +122,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
             py_limited_api=True,
         )
     return [ext], {"build_ext": BuildExtension}

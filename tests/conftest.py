@@ -60,7 +60,7 @@ BAD_LINEAR_ARGS = [
     (dict(x=torch.randn(1, 2, 5)), ValueError, r"x must have last dim 4 \(in_features\), got 5"),
     (dict(x=torch.randn(2, 4)), ValueError, r"x must be 3-D"),
     (dict(x=torch.randn(2, 2, 4), n_samples=3), ValueError, r"x.size\(0\) must be 1 or n_samples"),
-    (dict(n_samples=0), ValueError, r"n_samples must be >= 1"),
+    (dict(n_samples=0), ValueError, r"n_samples must be >= 1, got 0"),
     (dict(x=torch.ones(1, 2, 4, dtype=torch.int64)), TypeError, r"x must be a floating-point"),
     (dict(x=torch.randn(1, 2, 4, dtype=torch.float64)), TypeError, r"weight_mu must have dtype"),
     (dict(bias_mu=torch.zeros(5), bias_log_sigma=torch.zeros(5)), ValueError, r"bias_mu must have shape \[3\]"),

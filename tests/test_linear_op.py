@@ -1,5 +1,8 @@
 """bnn_fast::bayes_linear: the fused kernel against its pure-PyTorch twin with the same noise."""
 
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -180,6 +183,19 @@ def test_same_seed_same_output_and_new_seed_new_output():
 def test_bad_input_names_the_argument(kwargs, exc, match):
     with pytest.raises(exc, match="bayes_linear: " + match):
         _ops.bayes_linear(**linear_args(**kwargs))
+
+
+@pytest.mark.skipif(shutil.which("ldd") is None, reason="needs ldd")
+def test_extension_uses_the_shared_libstdcxx():
+    """_C must use the process's libstdc++ (PyTorch's), not a private static copy: a compiler
+    wrapper that linked -static-libstdc++ made every C++ error message with a number segfault on
+    the GPU machine (numbers silently missing elsewhere). setup.py links -lstdc++ explicitly."""
+    import bnn_fast._C
+
+    linked = subprocess.run(["ldd", bnn_fast._C.__file__], capture_output=True, text=True).stdout
+    assert "libstdc++" in linked, linked
+    with pytest.raises(ValueError, match=r"n_samples must be >= 1, got -3$"):
+        torch.ops.bnn_fast.bayes_linear(torch.randn(1, 2, 4), torch.zeros(3, 4), torch.zeros(3, 4), None, None, 0, -3)
 
 
 def test_wrong_device_names_the_argument():

@@ -132,7 +132,7 @@ def bad(**changes):
 @pytest.mark.parametrize("changes,exc,match", [
     (dict(x=torch.randn(1, 4, 3)), ValueError, r"x must have last dim 2 \(in_features of layer 1\), got 3"),
     (dict(x=torch.randn(4, 2)), ValueError, r"x must be 3-D"),
-    (dict(n_samples=0), ValueError, r"n_samples must be >= 1"),
+    (dict(n_samples=0), ValueError, r"n_samples must be >= 1, got 0"),
     (dict(weight2_mu=torch.zeros(3, 7), weight2_log_sigma=torch.zeros(3, 7)), ValueError,
      r"weight2_mu must be 2-D \[out_features, 6\]"),
     (dict(weight2_log_sigma=torch.zeros(3, 5)), ValueError, r"weight2_log_sigma must have the shape of weight2_mu"),

@@ -15,9 +15,9 @@ namespace cuda {
 namespace {
 
 // IN and OUT (layer 1's in_features, layer 2's out_features) are template parameters: the row's
-// inputs and outputs then live in registers and the per-unit loops unroll (with runtime widths,
-// the first version ran about 30 times under the issue rate on an H200: 2.1 us per sample of the
-// article's 1-1000-1 net at 300 points).
+// inputs and outputs then live in registers and the per-unit loops unroll. On an H200 the first
+// version, with runtime widths, took 2.1 us per sample of the article's 1-1000-1 net at 300
+// points; this one 0.22 us (bench_predictive, 10,000 samples: 22.2 ms, then 2.23 ms).
 template <typename T, int IN, int OUT>
 __global__ void mlp_inference_kernel(const T* __restrict__ x, const T* __restrict__ w1,
                                      const T* __restrict__ b1, const T* __restrict__ w2,
