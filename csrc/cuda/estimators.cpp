@@ -36,7 +36,8 @@ struct CudaKernels {
 
   static at::Tensor normal(int64_t n, uint64_t seed, uint64_t stream, const at::Tensor& like) {
     at::Tensor out = at::empty({n}, like.options().dtype(at::kFloat));
-    BNN_CUDA_CHECK("bayes_linear_flipout_backward",
+    // The bias noise of either estimator's backward.
+    BNN_CUDA_CHECK("bayes_linear_local/flipout_backward (bias noise)",
                    launch_fill_normal(out.mutable_data_ptr<float>(), n, seed, stream, 0,
                                       current_stream()));
     return out;
