@@ -92,14 +92,18 @@ def forward_step(forward, x):
 NOT_KEPT = "bnn_fast, BNN_FAST_CPU_SAVE_WEIGHT=0"
 
 
-def without_kept_weight(step):
-    """`step` run with BNN_FAST_CPU_SAVE_WEIGHT=0 (the variable is read on every call)."""
+def with_env(name, value, step):
+    """`step` run with the environment variable `name` set to `value` (read on every call)."""
     def run():
-        os.environ["BNN_FAST_CPU_SAVE_WEIGHT"] = "0"
+        before = os.environ.get(name)
+        os.environ[name] = value
         try:
             return step()
         finally:
-            del os.environ["BNN_FAST_CPU_SAVE_WEIGHT"]
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
     return run
 
 
@@ -118,7 +122,7 @@ def measure_memory(runner, layers, x, grad_out):
     if runner.device.type == "cpu":
         # The CPU's memory mode: the forward keeps no sampled weight, the backward samples it again.
         module, forward = layers["bnn_fast"]
-        step = without_kept_weight(train_step(module, forward, x, grad_out))
+        step = with_env("BNN_FAST_CPU_SAVE_WEIGHT", "0", train_step(module, forward, x, grad_out))
         step()
         gc.collect()
         peaks[NOT_KEPT] = harness.peak_memory(step, runner.device)
@@ -192,21 +196,6 @@ def copy_bandwidth(runner) -> float:
     label = "GPU device-to-device copy"
     runner.measure([harness.Case(label, "Tensor.copy_", "1 GiB", lambda: dst.copy_(src))])
     return 2 * src.nbytes / runner.median(label, "Tensor.copy_", "1 GiB")
-
-
-def with_env(name, value, step):
-    """`step` run with the environment variable `name` set to `value` (read on every call)."""
-    def run():
-        before = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            return step()
-        finally:
-            if before is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = before
-    return run
 
 
 def gpu_targets(runner):
@@ -283,25 +272,19 @@ def crossover(runner):
     """CPU forward without grad: the blocked fused path against sample-W-then-GEMM, by batch."""
     label = "CPU forward (no_grad): blocked sample-and-multiply vs sample W then GEMM"
     paths = {"blocked (W never written)": "1000000", "sample W, then GEMM": "0"}
-    before = os.environ.get("BNN_FAST_CPU_FUSED_MAX_ROWS")
-    try:
-        for features in CROSSOVER_SIZES:
-            g = torch.Generator().manual_seed(0)
-            mu = torch.randn(features, features, generator=g) * 0.03
-            ls = torch.full((features, features), -3.0)
-            bmu, bls = torch.zeros(features), torch.full((features,), -3.0)
-            for batch in CROSSOVER_BATCHES:
-                x = torch.randn(1, batch, features, generator=g)
-                for name, rows in paths.items():
-                    def step(rows=rows, x=x, mu=mu, ls=ls, bmu=bmu, bls=bls):
-                        os.environ["BNN_FAST_CPU_FUSED_MAX_ROWS"] = rows
-                        return torch.ops.bnn_fast.bayes_linear_inference(x, mu, ls, bmu, bls, 5, 1)
-                    runner.measure([harness.Case(label, name, column(features, batch), step)])
-    finally:
-        if before is None:
-            os.environ.pop("BNN_FAST_CPU_FUSED_MAX_ROWS", None)
-        else:
-            os.environ["BNN_FAST_CPU_FUSED_MAX_ROWS"] = before
+    for features in CROSSOVER_SIZES:
+        g = torch.Generator().manual_seed(0)
+        mu = torch.randn(features, features, generator=g) * 0.03
+        ls = torch.full((features, features), -3.0)
+        bmu, bls = torch.zeros(features), torch.full((features,), -3.0)
+        for batch in CROSSOVER_BATCHES:
+            x = torch.randn(1, batch, features, generator=g)
+
+            def step(x=x, mu=mu, ls=ls, bmu=bmu, bls=bls):
+                return torch.ops.bnn_fast.bayes_linear_inference(x, mu, ls, bmu, bls, 5, 1)
+            for name, rows in paths.items():
+                runner.measure([harness.Case(label, name, column(features, batch),
+                                             with_env("BNN_FAST_CPU_FUSED_MAX_ROWS", rows, step))])
     runner.add_table(
         "CPU forward (no_grad): sample-W-then-GEMM time / blocked time (> 1: blocked is faster; "
         "the default switches at 16 rows without a backward, 8 in training)",
