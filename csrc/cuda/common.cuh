@@ -98,5 +98,18 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// Calls f.template operator()<V>() with V == v, for a v in [Lo, Hi] (else cudaErrorInvalidValue):
+// turns a small runtime count (rows, widths) into a template parameter, so that per-row or
+// per-width arrays in the kernels are registers.
+template <int Lo, int Hi, typename F>
+cudaError_t dispatch_int(int64_t v, F&& f) {
+  if constexpr (Lo > Hi) {
+    return cudaErrorInvalidValue;
+  } else {
+    if (v == Lo) return f.template operator()<Lo>();
+    return dispatch_int<Lo + 1, Hi>(v, f);
+  }
+}
+
 }  // namespace cuda
 }  // namespace bnn_fast

@@ -107,25 +107,6 @@ __global__ void fused_small_batch_kernel(const T* __restrict__ x, const T* __res
   }
 }
 
-// Launches fused_small_batch_kernel<T, R> for R == rows (R from 1 to kFusedMaxRows).
-template <typename T, int R = 1>
-cudaError_t launch_fused_rows(int64_t rows, unsigned blocks, cudaStream_t stream, const T* x,
-                              const T* w_mu, const T* w_ls, const T* b_mu, const T* b_ls, T* y,
-                              int64_t x_samples, int64_t n_samples, int64_t in, int64_t out,
-                              uint64_t seed, bool vec) {
-  if constexpr (R > kFusedMaxRows) {
-    return cudaErrorInvalidValue;
-  } else {
-    if (rows != R) {
-      return launch_fused_rows<T, R + 1>(rows, blocks, stream, x, w_mu, w_ls, b_mu, b_ls, y,
-                                         x_samples, n_samples, in, out, seed, vec);
-    }
-    fused_small_batch_kernel<T, R><<<blocks, kThreads, 0, stream>>>(
-        x, w_mu, w_ls, b_mu, b_ls, y, x_samples, n_samples, in, out, seed, vec);
-    return cudaGetLastError();
-  }
-}
-
 template <typename T>
 __global__ void weight_grads_kernel(const T* __restrict__ dw, const T* __restrict__ ls,
                                     T* __restrict__ gmu /* may be null */, T* __restrict__ gls, int64_t numel,
@@ -187,11 +168,14 @@ cudaError_t launch_linear_fused_small_batch(DType dtype, const void* x, const vo
   const auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
   const bool vec = in_features % 4 == 0 && aligned(x) && aligned(w_mu) && aligned(w_log_sigma);
   return dispatch_dtype(dtype, [&]<typename T>() {
-    return launch_fused_rows<T>(rows, unsigned(blocks), stream, static_cast<const T*>(x),
-                                static_cast<const T*>(w_mu), static_cast<const T*>(w_log_sigma),
-                                static_cast<const T*>(b_mu), static_cast<const T*>(b_log_sigma),
-                                static_cast<T*>(y), x_samples, n_samples, in_features,
-                                out_features, seed, vec);
+    return dispatch_int<1, kFusedMaxRows>(rows, [&]<int R>() {
+      fused_small_batch_kernel<T, R><<<unsigned(blocks), kThreads, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<const T*>(w_mu),
+          static_cast<const T*>(w_log_sigma), static_cast<const T*>(b_mu),
+          static_cast<const T*>(b_log_sigma), static_cast<T*>(y), x_samples, n_samples,
+          in_features, out_features, seed, vec);
+      return cudaGetLastError();
+    });
   });
 }
 

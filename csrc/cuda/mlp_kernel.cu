@@ -49,37 +49,21 @@ __global__ void mlp_inference_kernel(const T* __restrict__ x, const T* __restric
   }
 }
 
-struct MlpArgs {
-  const void *x, *w1, *b1, *w2, *b2;
-  void* y;
-  int64_t x_samples, n_samples, rows, hidden;
-  cudaStream_t stream;
-};
-
 // Launches mlp_inference_kernel<T, IN, OUT> for the runtime (in, out): IN from 0 to kMlpMaxIn,
 // OUT from 1 to kMlpMaxOut.
-template <typename T, int IN, int OUT = 1>
-cudaError_t launch_out(int64_t out, const MlpArgs& a) {
-  if constexpr (OUT > kMlpMaxOut) {
-    return cudaErrorInvalidValue;
-  } else {
-    if (out != OUT) return launch_out<T, IN, OUT + 1>(out, a);
-    mlp_inference_kernel<T, IN, OUT><<<grid_for(a.n_samples * a.rows), kThreads, 0, a.stream>>>(
-        static_cast<const T*>(a.x), static_cast<const T*>(a.w1), static_cast<const T*>(a.b1),
-        static_cast<const T*>(a.w2), static_cast<const T*>(a.b2), static_cast<T*>(a.y),
-        a.x_samples, a.n_samples, a.rows, a.hidden);
-    return cudaGetLastError();
-  }
-}
-
-template <typename T, int IN = 0>
-cudaError_t launch_in(int64_t in, int64_t out, const MlpArgs& a) {
-  if constexpr (IN > kMlpMaxIn) {
-    return cudaErrorInvalidValue;
-  } else {
-    if (in != IN) return launch_in<T, IN + 1>(in, out, a);
-    return launch_out<T, IN>(out, a);
-  }
+template <typename T>
+cudaError_t launch(const void* x, const void* w1, const void* b1, const void* w2, const void* b2,
+                   void* y, int64_t x_samples, int64_t n_samples, int64_t rows, int64_t in,
+                   int64_t hidden, int64_t out, cudaStream_t stream) {
+  return dispatch_int<0, int(kMlpMaxIn)>(in, [&]<int IN>() {
+    return dispatch_int<1, int(kMlpMaxOut)>(out, [&]<int OUT>() {
+      mlp_inference_kernel<T, IN, OUT><<<grid_for(n_samples * rows), kThreads, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<const T*>(w1), static_cast<const T*>(b1),
+          static_cast<const T*>(w2), static_cast<const T*>(b2), static_cast<T*>(y), x_samples,
+          n_samples, rows, hidden);
+      return cudaGetLastError();
+    });
+  });
 }
 
 }  // namespace
@@ -90,11 +74,13 @@ cudaError_t launch_mlp_inference(DType dtype, const void* x, const void* w1, con
                                  int64_t out, cudaStream_t stream) {
   if (out < 0 || out > kMlpMaxOut || in < 0 || in > kMlpMaxIn) return cudaErrorInvalidValue;
   if (n_samples * rows == 0 || out == 0) return cudaSuccess;
-  const MlpArgs a{x, w1, b1, w2, b2, y, x_samples, n_samples, rows, hidden, stream};
   switch (dtype) {
-    case DType::kFloat32: return launch_in<float>(in, out, a);
-    case DType::kFloat64: return launch_in<double>(in, out, a);
-    default: return cudaErrorInvalidValue;
+    case DType::kFloat32:
+      return launch<float>(x, w1, b1, w2, b2, y, x_samples, n_samples, rows, in, hidden, out, stream);
+    case DType::kFloat64:
+      return launch<double>(x, w1, b1, w2, b2, y, x_samples, n_samples, rows, in, hidden, out, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 
