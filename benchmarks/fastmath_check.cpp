@@ -12,9 +12,12 @@
 //
 // Accuracy: every float u in [2^-33, 1] for the log (a superset of the values
 // fl32(r 2^-32 + 2^-33) takes), every float x in [0, fl32(2 pi)] for sincos (a superset of
-// fl32(kTwoPi u2)), against double-precision std::log / std::sin / std::cos of the same float.
-// Errors are in ulps of the float32 result (ulp of the exact value's binade) and absolute.
-// Targets: log <= 2 ulp; sin, cos <= 2 ulp where |result| >= 2^-10, absolute <= 2^-30 elsewhere.
+// fl32(kTwoPi u2)), every float x in [-104, 89] for exp (outside it exp is 0 or +inf in float),
+// against double-precision std::log / std::sin / std::cos / std::exp of the same float, plus
+// exp's special values (NaN, infinities, the ends of its range). Errors are in ulps of the float32
+// result (ulp of the exact value's binade; subnormal results in units of 2^-149) and absolute.
+// Targets: log <= 2 ulp; sin, cos <= 2 ulp where |result| >= 2^-10, absolute <= 2^-30 elsewhere;
+// exp <= 2 ulp and every special value exact.
 // The program exits 1 if one of ours misses its target.
 //
 // Throughput: ns per element over a 4096-element buffer of contract-distributed inputs (L1
@@ -30,6 +33,7 @@
 
 #include "cpu/fastmath.h"
 
+using bnn_fast::cpu::fastmath::exp8;
 using bnn_fast::cpu::fastmath::log8_open01;
 using bnn_fast::cpu::fastmath::sincos8;
 
@@ -58,7 +62,8 @@ struct Err {
   double max_abs_small = 0, max_abs_small_at = 0;  // over |ref| < big
   double max_ulp_all = 0;                      // over all inputs, for information
   double big;
-  Err(const char* n, double b) : name(n), big(b) {}
+  const char* var;  // the argument's name in the report
+  Err(const char* n, double b, const char* v = "u") : name(n), big(b), var(v) {}
   void add(float got, double ref, float in) {
     const double abs_err = std::fabs(double(got) - ref);
     const double u = abs_err / ulp_of(ref);
@@ -79,8 +84,8 @@ struct Err {
           max_abs_small > 0 ? std::log2(max_abs_small) : -INFINITY, std::ilogb(big),
           max_abs_small_at, max_abs, max_abs_at, max_ulp_all);
     } else {
-      std::printf("  %-12s max %.3f ulp (at u = %.9g); max abs %.3g (at u = %.9g)\n", name, max_ulp,
-                  max_ulp_at, max_abs, max_abs_at);
+      std::printf("  %-12s max %.3f ulp (at %s = %.9g); max abs %.3g (at %s = %.9g)\n", name,
+                  max_ulp, var, max_ulp_at, max_abs, var, max_abs_at);
     }
   }
 };
@@ -92,6 +97,7 @@ struct SleefFloat8x2 {
 };
 __m256 Sleef_logf8_u35avx2(__m256);
 SleefFloat8x2 Sleef_sincosf8_u35avx2(__m256);
+__m256 Sleef_expf8_u10avx2(__m256);
 }
 #endif
 
@@ -161,6 +167,79 @@ bool check_sincos() {
          c_ours.max_abs_small <= small_limit;
 }
 
+bool check_exp() {
+  // Every float in [-104, 89]: the negative ones from -0 down to -104, then +0 up to 89.
+  const uint32_t neg_hi = float_to_bits(-104.0f), pos_hi = float_to_bits(89.0f);
+  // Where exp x rounds past FLT_MAX (x > 88.7228394) the float result is +inf: those inputs are
+  // counted as right when the result is +inf and wrong otherwise, not measured in ulps.
+  Err ours("exp (ours)", 0, "x");
+  uint64_t ours_overflow_wrong = 0;
+#ifdef WITH_SLEEF
+  Err sleef("exp (Sleef u10)", 0, "x");
+#endif
+  const auto add = [](Err& e, uint64_t& wrong, float got, double ref, float x) {
+    if (std::isinf(static_cast<float>(ref))) {
+      wrong += std::isinf(got) && got > 0 ? 0 : 1;
+    } else {
+      e.add(got, ref, x);
+    }
+  };
+  uint64_t overflow = 0, sleef_overflow_wrong = 0;
+  alignas(32) float in[8], out[8];
+  uint64_t count = 0;
+  for (const uint32_t sign : {0x80000000u, 0u}) {
+    const uint32_t hi = sign != 0 ? neg_hi : pos_hi;
+    for (uint64_t b = sign; b <= hi; b += 8) {
+      int n = 0;
+      for (; n < 8 && b + n <= hi; ++n) in[n] = bits_to_float(uint32_t(b + n));
+      for (int k = n; k < 8; ++k) in[k] = 0.0f;
+      count += uint64_t(n);
+      _mm256_store_ps(out, exp8(_mm256_load_ps(in)));
+      double ref[8];
+      for (int k = 0; k < n; ++k) ref[k] = std::exp(double(in[k]));
+      for (int k = 0; k < n; ++k) overflow += std::isinf(static_cast<float>(ref[k])) ? 1 : 0;
+      for (int k = 0; k < n; ++k) add(ours, ours_overflow_wrong, out[k], ref[k], in[k]);
+#ifdef WITH_SLEEF
+      _mm256_store_ps(out, Sleef_expf8_u10avx2(_mm256_load_ps(in)));
+      for (int k = 0; k < n; ++k) add(sleef, sleef_overflow_wrong, out[k], ref[k], in[k]);
+#endif
+    }
+  }
+  std::printf("exp over every float in [-104, 89] (%llu inputs):\n", (unsigned long long)count);
+  ours.print();
+  std::printf("  %-12s +inf where the float result overflows: %llu of %llu wrong\n", "exp (ours)",
+              (unsigned long long)ours_overflow_wrong, (unsigned long long)overflow);
+#ifdef WITH_SLEEF
+  sleef.print();
+  std::printf("  %-12s +inf where the float result overflows: %llu of %llu wrong\n", "exp (Sleef)",
+              (unsigned long long)sleef_overflow_wrong, (unsigned long long)overflow);
+#endif
+  // Special values: NaN, infinities and zeros exactly as float libm gives them; a finite nonzero
+  // result within 2 ulp of the exact value.
+  alignas(32) const float special[16] = {NAN, -NAN, INFINITY, -INFINITY, 0.0f, -0.0f, 88.72283f,
+                                         88.72284f, 89.0f, 1e30f, -103.97f, -103.98f, -104.0f,
+                                         -1e30f, -87.33655f, 3.4028235e38f};
+  bool special_ok = true;
+  for (int half = 0; half < 2; ++half) {
+    _mm256_store_ps(out, exp8(_mm256_load_ps(special + 8 * half)));
+    for (int k = 0; k < 8; ++k) {
+      const float x = special[8 * half + k], want = std::exp(x), got = out[k];
+      const double exact = std::exp(double(x));
+      const bool finite_nonzero = std::isfinite(want) && want != 0.0f && std::isfinite(got);
+      const bool same = (std::isnan(want) && std::isnan(got)) ||
+                        float_to_bits(want) == float_to_bits(got) ||
+                        (finite_nonzero && std::fabs(double(got) - exact) <= 2 * ulp_of(exact));
+      if (!same) {
+        std::printf("  exp(%.9g): got %.9g, libm %.9g\n", x, got, want);
+        special_ok = false;
+      }
+    }
+  }
+  std::printf("  special values (NaN, +-inf, +-0, overflow and underflow edges): %s\n",
+              special_ok ? "as libm" : "WRONG");
+  return ours.max_ulp <= 2.0 && ours_overflow_wrong == 0 && special_ok;
+}
+
 // ---- throughput ----
 constexpr int kN = 4096;
 
@@ -178,7 +257,7 @@ double median(std::vector<double> v) {
 }
 
 void bench() {
-  alignas(32) static float u[kN], x[kN], o1[kN], o2[kN];
+  alignas(32) static float u[kN], x[kN], l[kN], o1[kN], o2[kN];
   uint64_t state = 0x9E3779B97F4A7C15ull;
   for (int i = 0; i < kN; ++i) {
     state = state * 6364136223846793005ull + 1442695040888963407ull;
@@ -187,6 +266,7 @@ void bench() {
     const uint32_t r2 = uint32_t(state >> 32);
     u[i] = float(r1) * 0x1p-32f + 0x1p-33f;
     x[i] = 6.2831853071795864769f * (float(r2) * 0x1p-32f + 0x1p-33f);
+    l[i] = -9.0f + 8.0f * (float(r1 ^ r2) * 0x1p-32f);  // log_sigma-like values in [-9, -1]
   }
   auto log_ours = [&] {
     for (int i = 0; i < kN; i += 8) _mm256_store_ps(o1 + i, log8_open01(_mm256_load_ps(u + i)));
@@ -199,7 +279,13 @@ void bench() {
       _mm256_store_ps(o2 + i, c);
     }
   };
+  auto exp_ours = [&] {
+    for (int i = 0; i < kN; i += 8) _mm256_store_ps(o2 + i, exp8(_mm256_load_ps(l + i)));
+  };
 #ifdef WITH_SLEEF
+  auto exp_sleef = [&] {
+    for (int i = 0; i < kN; i += 8) _mm256_store_ps(o2 + i, Sleef_expf8_u10avx2(_mm256_load_ps(l + i)));
+  };
   auto log_sleef = [&] {
     for (int i = 0; i < kN; i += 8)
       _mm256_store_ps(o1 + i, Sleef_logf8_u35avx2(_mm256_load_ps(u + i)));
@@ -213,11 +299,11 @@ void bench() {
   };
 #endif
   const int reps = 2000, rounds = 15;
-  std::vector<double> lo, so;
+  std::vector<double> lo, so, eo;
 #ifdef WITH_SLEEF
-  std::vector<double> ls, ss;
+  std::vector<double> ls, ss, es;
 #endif
-  for (int w = 0; w < 3; ++w) log_ours(), sincos_ours();  // warm up
+  for (int w = 0; w < 3; ++w) log_ours(), sincos_ours(), exp_ours();  // warm up
   for (int r = 0; r < rounds; ++r) {
     lo.push_back(ns_per_element(log_ours, reps));
 #ifdef WITH_SLEEF
@@ -226,6 +312,10 @@ void bench() {
     so.push_back(ns_per_element(sincos_ours, reps));
 #ifdef WITH_SLEEF
     ss.push_back(ns_per_element(sincos_sleef, reps));
+#endif
+    eo.push_back(ns_per_element(exp_ours, reps));
+#ifdef WITH_SLEEF
+    es.push_back(ns_per_element(exp_sleef, reps));
 #endif
   }
   std::printf("throughput, ns per element (median of %d interleaved rounds of %d x %d):\n", rounds,
@@ -237,6 +327,10 @@ void bench() {
   std::printf("\n  sincos ours %.3f", median(so));
 #ifdef WITH_SLEEF
   std::printf("   Sleef_sincosf8_u35avx2 %.3f", median(ss));
+#endif
+  std::printf("\n  exp    ours %.3f", median(eo));
+#ifdef WITH_SLEEF
+  std::printf("   Sleef_expf8_u10avx2    %.3f", median(es));
 #endif
   double sum = 0;
   for (int i = 0; i < kN; ++i) sum += o1[i] + o2[i];
@@ -251,6 +345,7 @@ int main(int argc, char** argv) {
   if (!bench_only) {
     ok = check_log() && ok;
     ok = check_sincos() && ok;
+    ok = check_exp() && ok;
     std::printf("targets %s\n", ok ? "met" : "MISSED");
   }
   bench();

@@ -2,7 +2,7 @@
 // Noise is a pure function of (seed, stream, index), so a backward pass regenerates it instead of
 // storing it, and the CPU, the CUDA kernels and every launch shape agree.
 // This header is the scalar, __host__ __device__ definition; the CPU SIMD path in
-// cpu/normal_simd.h computes the same integers eight counters at a time.
+// cpu/noise.cpp computes the same integers eight counters at a time.
 #pragma once
 
 #include <cmath>

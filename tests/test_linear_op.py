@@ -94,6 +94,32 @@ def test_partial_gradients_equal_reference(device, wants, S, xs, N, in_f, out_f)
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("S,xs,N,in_f,out_f,bias", [
+    (1, 1, 1, 37, 12, True),   # 37 columns: four 8-wide vectors and a tail of 5
+    (1, 1, 4, 64, 9, False),   # no tail
+    (2, 1, 2, 13, 10, True),   # a broadcast x: grad_x summed over the samples
+    (3, 3, 3, 21, 11, False),
+])
+def test_small_batch_backward_equals_reference(monkeypatch, simd, dtype, S, xs, N, in_f, out_f, bias):
+    # 1 to 4 rows with out_features > 8: the CPU backward forms each dW row next to its use (in
+    # registers on the AVX2 path, with a scalar tail) instead of by a GEMM.
+    monkeypatch.setenv("BNN_FAST_CPU_SIMD", simd)
+    params = [p for p in make_layer(out_f, in_f, dtype, "cpu", bias, seed=8) if p is not None]
+    x = torch.randn(xs, N, in_f, dtype=dtype)
+    grads = []
+    for fn in (_ops.bayes_linear, reference_with_kernel_noise):
+        leaves = [t.detach().clone().requires_grad_(True) for t in [x] + params]
+        xx, mu, ls = leaves[:3]
+        bmu, bls = (leaves[3], leaves[4]) if bias else (None, None)
+        y = fn(xx, mu, ls, bmu, bls, 31, S)
+        weights = torch.linspace(-1, 1, y.numel(), dtype=dtype).reshape(y.shape)
+        grads.append(torch.autograd.grad((y * weights).sum(), leaves))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
 @pytest.mark.parametrize("in_f,out_f", [(700, 1), (700, 3), (2, 603)])
 def test_backward_thread_count_does_not_change_the_gradients(in_f, out_f):
     params = make_layer(out_f, in_f, torch.float32, "cpu", seed=6)
