@@ -193,6 +193,27 @@ def _unique(values):
     return list(dict.fromkeys(values))
 
 
+WARM_UP_CALLS = 3
+WARM_UP_MAX_SECONDS = 5.0
+
+
+def warm_up(stmt, seconds: float) -> None:
+    """Calls stmt until it has run WARM_UP_CALLS times and `seconds` have passed (at most
+    WARM_UP_MAX_SECONDS, and at least once). The first calls of a case can be several times slower
+    than the rest for reasons outside the code measured: on the development VM, bnn_fast's
+    4096x4096 training step took 170-190 ms for about a second after the six libraries' 4096x4096
+    layers were allocated (the kernel finding huge pages for its fresh buffers), then 55-80 ms;
+    without a warm-up that case's median depended on which case ran first."""
+    start = time.perf_counter()
+    calls = 0
+    while True:
+        stmt()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= WARM_UP_MAX_SECONDS or (calls >= WARM_UP_CALLS and elapsed >= seconds):
+            return
+
+
 class Runner:
     """Times cases, collects extra tables and target checks, and writes the results files."""
 
@@ -236,7 +257,7 @@ class Runner:
 
     def measure(self, cases: list[Case]) -> None:
         for case in cases:
-            # No explicit warm-up: blocked_autorange's block-size estimate runs the statement first.
+            warm_up(case.stmt, min(1.0, self.min_run_time))
             timer = benchmark.Timer(
                 stmt="stmt()",
                 globals={"stmt": case.stmt},

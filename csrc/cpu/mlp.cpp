@@ -79,12 +79,21 @@ BNN_AVX2 inline float hsum8(__m256 v) {
 // R rows at a time (they share each weight load), OUT outputs per row, 8 hidden units per step;
 // R * OUT accumulators stay in registers. The hidden tail (hidden % 8 units) is summed in scalar
 // after the vector part. Each row's arithmetic is the same whichever rows share its group.
-template <int R, int OUT>
+// IN > 0: in_features known at compile time (== in), and the rows' inputs are broadcast into
+// registers once instead of once per 8 hidden units (the same FMAs in the same order, so the same
+// bits); IN == 0: any in_features.
+template <int R, int OUT, int IN>
 BNN_AVX2 void mlp_group_avx2(const float* const* xr, float* const* yr,
                              const SampleWeights<float>& w, int64_t in, int64_t hidden) {
   __m256 acc[R][OUT];
   for (int r = 0; r < R; ++r) {
     for (int o = 0; o < OUT; ++o) acc[r][o] = _mm256_setzero_ps();
+  }
+  __m256 xb[R][IN > 0 ? IN : 1];
+  if constexpr (IN > 0) {
+    for (int r = 0; r < R; ++r) {
+      for (int i = 0; i < IN; ++i) xb[r][i] = _mm256_broadcast_ss(xr[r] + i);
+    }
   }
   const __m256 zero = _mm256_setzero_ps();
   int64_t j = 0;
@@ -92,9 +101,18 @@ BNN_AVX2 void mlp_group_avx2(const float* const* xr, float* const* yr,
     const __m256 bias = w.b1 != nullptr ? _mm256_loadu_ps(w.b1 + j) : zero;
     __m256 h[R];
     for (int r = 0; r < R; ++r) h[r] = bias;
-    for (int64_t i = 0; i < in; ++i) {
-      const __m256 wi = _mm256_loadu_ps(w.w1t + i * hidden + j);
-      for (int r = 0; r < R; ++r) h[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr[r] + i), wi, h[r]);
+    if constexpr (IN > 0) {
+      for (int i = 0; i < IN; ++i) {
+        const __m256 wi = _mm256_loadu_ps(w.w1t + i * hidden + j);
+        for (int r = 0; r < R; ++r) h[r] = _mm256_fmadd_ps(xb[r][i], wi, h[r]);
+      }
+    } else {
+      for (int64_t i = 0; i < in; ++i) {
+        const __m256 wi = _mm256_loadu_ps(w.w1t + i * hidden + j);
+        for (int r = 0; r < R; ++r) {
+          h[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr[r] + i), wi, h[r]);
+        }
+      }
     }
     // max(0, h) returns its second operand when either is NaN: a NaN passes, as in torch.relu.
     for (int r = 0; r < R; ++r) h[r] = _mm256_max_ps(zero, h[r]);
@@ -116,7 +134,7 @@ BNN_AVX2 void mlp_group_avx2(const float* const* xr, float* const* yr,
 
 // Rows in groups of R; a short last group repeats its last row (the copies' results are
 // discarded into a scratch row).
-template <int R, int OUT>
+template <int R, int OUT, int IN>
 BNN_AVX2 void mlp_rows_avx2_out(const float* x, float* y, int64_t rows,
                                 const SampleWeights<float>& w, int64_t in, int64_t hidden) {
   float scratch[OUT];
@@ -128,23 +146,34 @@ BNN_AVX2 void mlp_rows_avx2_out(const float* x, float* y, int64_t rows,
       xr[r] = x + row * in;
       yr[r] = r0 + r < rows ? y + (r0 + r) * OUT : scratch;
     }
-    mlp_group_avx2<R, OUT>(xr, yr, w, in, hidden);
+    mlp_group_avx2<R, OUT, IN>(xr, yr, w, in, hidden);
   }
 }
 
-// R * OUT <= 8 accumulators, plus R hidden vectors.
+// R * OUT <= 8 accumulators, plus R hidden vectors and R * IN input broadcasts (with one input
+// and one output, 6 rows: 12 registers of the 16).
+template <int IN>
+void mlp_rows_avx2_in(const float* x, float* y, int64_t rows, const SampleWeights<float>& w,
+                      int64_t in, int64_t hidden, int64_t out) {
+  switch (out) {
+    case 1: return mlp_rows_avx2_out<IN == 1 ? 6 : 4, 1, IN>(x, y, rows, w, in, hidden);
+    case 2: return mlp_rows_avx2_out<4, 2, IN>(x, y, rows, w, in, hidden);
+    case 3: return mlp_rows_avx2_out<2, 3, IN>(x, y, rows, w, in, hidden);
+    case 4: return mlp_rows_avx2_out<2, 4, IN>(x, y, rows, w, in, hidden);
+    case 5: return mlp_rows_avx2_out<1, 5, IN>(x, y, rows, w, in, hidden);
+    case 6: return mlp_rows_avx2_out<1, 6, IN>(x, y, rows, w, in, hidden);
+    case 7: return mlp_rows_avx2_out<1, 7, IN>(x, y, rows, w, in, hidden);
+    default: return mlp_rows_avx2_out<1, 8, IN>(x, y, rows, w, in, hidden);
+  }
+}
+
+// One input feature (a scalar regression input, the seed article's case) gets the compile-time
+// kernel: the article's 10,000-sample prediction took 225 ms instead of 301 (medians of 5
+// alternated runs of each build), and with 6 rows per group for one output, 185 instead of 216.
 void mlp_rows_avx2(const float* x, float* y, int64_t rows, const SampleWeights<float>& w,
                    int64_t in, int64_t hidden, int64_t out) {
-  switch (out) {
-    case 1: return mlp_rows_avx2_out<4, 1>(x, y, rows, w, in, hidden);
-    case 2: return mlp_rows_avx2_out<4, 2>(x, y, rows, w, in, hidden);
-    case 3: return mlp_rows_avx2_out<2, 3>(x, y, rows, w, in, hidden);
-    case 4: return mlp_rows_avx2_out<2, 4>(x, y, rows, w, in, hidden);
-    case 5: return mlp_rows_avx2_out<1, 5>(x, y, rows, w, in, hidden);
-    case 6: return mlp_rows_avx2_out<1, 6>(x, y, rows, w, in, hidden);
-    case 7: return mlp_rows_avx2_out<1, 7>(x, y, rows, w, in, hidden);
-    default: return mlp_rows_avx2_out<1, 8>(x, y, rows, w, in, hidden);
-  }
+  if (in == 1) return mlp_rows_avx2_in<1>(x, y, rows, w, in, hidden, out);
+  return mlp_rows_avx2_in<0>(x, y, rows, w, in, hidden, out);
 }
 #endif
 
