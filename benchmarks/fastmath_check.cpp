@@ -22,7 +22,7 @@
 //
 // Throughput: ns per element over a 4096-element buffer of contract-distributed inputs (L1
 // resident), ours and Sleef's interleaved, the median of several repetitions. `--bench` skips the
-// accuracy part (which takes about 2 minutes).
+// accuracy part (which takes about 4 minutes).
 #include <algorithm>
 #include <chrono>
 #include <cmath>

@@ -24,6 +24,20 @@ def reference_with_kernel_noise(x, mu, ls, bmu, bls, seed, S):
     return reference.bayes_linear(x, mu, ls, bmu, bls, eps_w, eps_b)
 
 
+def kernel_and_reference_grads(x, params, bias, seed, S):
+    """Gradients of sum(y * w) (w a fixed ramp) with respect to x and every parameter, from the
+    kernel and from the reference fed the kernel's noise: [kernel grads, reference grads]."""
+    grads = []
+    for fn in (_ops.bayes_linear, reference_with_kernel_noise):
+        leaves = [t.detach().clone().requires_grad_(True) for t in [x] + params]
+        xx, mu, ls = leaves[:3]
+        bmu, bls = (leaves[3], leaves[4]) if bias else (None, None)
+        y = fn(xx, mu, ls, bmu, bls, seed, S)
+        weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape)
+        grads.append(torch.autograd.grad((y * weights).sum(), leaves))
+    return grads
+
+
 CASES = [  # (S, x_samples, N, in, out, bias)
     (1, 1, 1, 16, 8, True),
     (1, 1, 5, 33, 7, True),
@@ -61,16 +75,7 @@ def test_forward_equals_reference(device, dtype, S, xs, N, in_f, out_f, bias):
 def test_gradients_equal_reference(device, dtype, S, xs, N, in_f, out_f, bias):
     params = [p for p in make_layer(out_f, in_f, dtype, device, bias, seed=1) if p is not None]
     x = torch.randn(xs, N, in_f, dtype=dtype, device=device)
-    seed = 99
-    grads = []
-    for fn in (_ops.bayes_linear, reference_with_kernel_noise):
-        leaves = [t.detach().clone().requires_grad_(True) for t in [x] + params]
-        xx, mu, ls = leaves[:3]
-        bmu, bls = (leaves[3], leaves[4]) if bias else (None, None)
-        y = fn(xx, mu, ls, bmu, bls, seed, S)
-        weights = torch.linspace(-1, 1, y.numel(), dtype=dtype, device=device).reshape(y.shape)
-        grads.append(torch.autograd.grad((y * weights).sum(), leaves))
-    for a, b in zip(*grads):
+    for a, b in zip(*kernel_and_reference_grads(x, params, bias, 99, S)):
         torch.testing.assert_close(a, b, **TOL[dtype])
 
 
@@ -108,15 +113,7 @@ def test_small_batch_backward_equals_reference(monkeypatch, simd, dtype, S, xs, 
     monkeypatch.setenv("BNN_FAST_CPU_SIMD", simd)
     params = [p for p in make_layer(out_f, in_f, dtype, "cpu", bias, seed=8) if p is not None]
     x = torch.randn(xs, N, in_f, dtype=dtype)
-    grads = []
-    for fn in (_ops.bayes_linear, reference_with_kernel_noise):
-        leaves = [t.detach().clone().requires_grad_(True) for t in [x] + params]
-        xx, mu, ls = leaves[:3]
-        bmu, bls = (leaves[3], leaves[4]) if bias else (None, None)
-        y = fn(xx, mu, ls, bmu, bls, 31, S)
-        weights = torch.linspace(-1, 1, y.numel(), dtype=dtype).reshape(y.shape)
-        grads.append(torch.autograd.grad((y * weights).sum(), leaves))
-    for a, b in zip(*grads):
+    for a, b in zip(*kernel_and_reference_grads(x, params, bias, 31, S)):
         torch.testing.assert_close(a, b, **TOL[dtype])
 
 
@@ -369,15 +366,7 @@ def test_backward_without_kept_weight_equals_reference(monkeypatch, S, xs, N, in
     x = torch.randn(xs, N, in_f, dtype=torch.float64)
     y, saved = torch.ops.bnn_fast.bayes_linear(x, *make_layer(out_f, in_f, torch.float64, "cpu", bias), 3, S)
     assert saved.shape == (0,)
-    grads = []
-    for fn in (_ops.bayes_linear, reference_with_kernel_noise):
-        leaves = [t.detach().clone().requires_grad_(True) for t in [x] + params]
-        xx, mu, ls = leaves[:3]
-        bmu, bls = (leaves[3], leaves[4]) if bias else (None, None)
-        out = fn(xx, mu, ls, bmu, bls, 11, S)
-        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
-        grads.append(torch.autograd.grad((out * weights).sum(), leaves))
-    for a, b in zip(*grads):
+    for a, b in zip(*kernel_and_reference_grads(x, params, bias, 11, S)):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
