@@ -186,13 +186,20 @@ def test_non_contiguous_input():
     torch.testing.assert_close(got, reference_with_kernel_noise(x, mu, ls, bmu, bls, 3, 2))
 
 
-def test_non_finite_parameters_propagate():
-    mu, ls, bmu, bls = make_layer(3, 4, torch.float32, "cpu")
+@pytest.mark.parametrize("simd", ["1", "0"])
+def test_non_finite_parameters_propagate(monkeypatch, simd):
+    # log_sigma NaN, +inf and -inf go through the CPU's vector exp (fastmath::exp8) or std::exp:
+    # sigma NaN, inf and 0 (the weight is then its mean).
+    monkeypatch.setenv("BNN_FAST_CPU_SIMD", simd)
+    mu, ls, bmu, bls = make_layer(5, 4, torch.float32, "cpu")
     mu[0, 0] = float("nan")
     ls[1, 1] = float("inf")
+    ls[3, 2] = float("nan")
+    ls[4, 0] = float("-inf")
     y = _ops.bayes_linear(torch.ones(1, 2, 4), mu, ls, bmu, bls, 3, 1)
     assert torch.isnan(y[0, :, 0]).all() and not torch.isfinite(y[0, :, 1]).any()
-    assert torch.isfinite(y[0, :, 2]).all()
+    assert torch.isnan(y[0, :, 3]).all()
+    assert torch.isfinite(y[0, :, 2]).all() and torch.isfinite(y[0, :, 4]).all()
 
 
 def test_same_seed_same_output_and_new_seed_new_output():
