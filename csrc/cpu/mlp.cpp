@@ -79,21 +79,19 @@ BNN_AVX2 inline float hsum8(__m256 v) {
 // R rows at a time (they share each weight load), OUT outputs per row, 8 hidden units per step;
 // R * OUT accumulators stay in registers. The hidden tail (hidden % 8 units) is summed in scalar
 // after the vector part. Each row's arithmetic is the same whichever rows share its group.
-// IN > 0: in_features known at compile time (== in), and the rows' inputs are broadcast into
-// registers once instead of once per 8 hidden units (the same FMAs in the same order, so the same
-// bits); IN == 0: any in_features.
+// The rows' inputs (in <= kMaxIn) are broadcast once per group, not once per 8 hidden units.
+// IN > 0: in_features known at compile time (== in), so the loop over them unrolls and the
+// broadcasts stay in registers; IN == 0: any in_features. Either way the same FMAs in the same
+// order, so the same bits.
 template <int R, int OUT, int IN>
 BNN_AVX2 void mlp_group_avx2(const float* const* xr, float* const* yr,
                              const SampleWeights<float>& w, int64_t in, int64_t hidden) {
+  const int64_t n_in = IN > 0 ? IN : in;
   __m256 acc[R][OUT];
+  __m256 xb[R][kMaxIn];
   for (int r = 0; r < R; ++r) {
     for (int o = 0; o < OUT; ++o) acc[r][o] = _mm256_setzero_ps();
-  }
-  __m256 xb[R][IN > 0 ? IN : 1];
-  if constexpr (IN > 0) {
-    for (int r = 0; r < R; ++r) {
-      for (int i = 0; i < IN; ++i) xb[r][i] = _mm256_broadcast_ss(xr[r] + i);
-    }
+    for (int64_t i = 0; i < n_in; ++i) xb[r][i] = _mm256_broadcast_ss(xr[r] + i);
   }
   const __m256 zero = _mm256_setzero_ps();
   int64_t j = 0;
@@ -101,18 +99,9 @@ BNN_AVX2 void mlp_group_avx2(const float* const* xr, float* const* yr,
     const __m256 bias = w.b1 != nullptr ? _mm256_loadu_ps(w.b1 + j) : zero;
     __m256 h[R];
     for (int r = 0; r < R; ++r) h[r] = bias;
-    if constexpr (IN > 0) {
-      for (int i = 0; i < IN; ++i) {
-        const __m256 wi = _mm256_loadu_ps(w.w1t + i * hidden + j);
-        for (int r = 0; r < R; ++r) h[r] = _mm256_fmadd_ps(xb[r][i], wi, h[r]);
-      }
-    } else {
-      for (int64_t i = 0; i < in; ++i) {
-        const __m256 wi = _mm256_loadu_ps(w.w1t + i * hidden + j);
-        for (int r = 0; r < R; ++r) {
-          h[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr[r] + i), wi, h[r]);
-        }
-      }
+    for (int64_t i = 0; i < n_in; ++i) {
+      const __m256 wi = _mm256_loadu_ps(w.w1t + i * hidden + j);
+      for (int r = 0; r < R; ++r) h[r] = _mm256_fmadd_ps(xb[r][i], wi, h[r]);
     }
     // max(0, h) returns its second operand when either is NaN: a NaN passes, as in torch.relu.
     for (int r = 0; r < R; ++r) h[r] = _mm256_max_ps(zero, h[r]);
