@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "box_muller.h"
 #include "gaussian.h"  // BNN_HD
 
 namespace bnn_fast {
@@ -25,9 +26,14 @@ struct Philox4 {
 };
 
 BNN_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* lo) {
+#if defined(__CUDA_ARCH__)
+  *hi = __umulhi(a, b);
+  *lo = a * b;
+#else
   const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
   *hi = static_cast<uint32_t>(p >> 32);
   *lo = static_cast<uint32_t>(p);
+#endif
 }
 
 BNN_HD Philox4 philox4x32_10(Philox4 c, uint32_t k0, uint32_t k1) {
@@ -53,20 +59,27 @@ BNN_HD Philox4 philox_block(uint64_t seed, uint64_t stream, uint64_t block) {
   return philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
-// u in (0, 1): log never sees 0. r * 2^-32 is exact, so a fused multiply-add gives the same bits.
+// u in (0, 1]: log never sees 0. r * 2^-32 is exact, so the fused multiply-add rounds once, as
+// the AVX2 path's multiply then add does.
 BNN_HD float uniform_open01(uint32_t r) {
-  return static_cast<float>(r) * kTwoPow32Inv + kTwoPow33Inv;
+  return bm::fma_rn(static_cast<float>(r), kTwoPow32Inv, kTwoPow33Inv);
 }
 
-// The four normals of one Philox block: (r cos, r sin) of pair (v0, v1), then of pair (v2, v3).
+// The four normals of one Philox block: (r cos, r sin) of pair (v0, v1), then of pair (v2, v3),
+// with r = sqrt(-2 log u1) and the angle fl32(kTwoPi * u2). The log and sincos are box_muller.h's:
+// the same bits on the CPU (scalar and AVX2) and on the GPU.
 BNN_HD void box_muller4(const Philox4& r, float out[4]) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
   for (int pair = 0; pair < 2; ++pair) {
     const float u1 = uniform_open01(r.v[2 * pair]);
     const float u2 = uniform_open01(r.v[2 * pair + 1]);
-    const float radius = sqrtf(-2.0f * logf(u1));
-    const float theta = kTwoPi * u2;
-    out[2 * pair] = radius * cosf(theta);
-    out[2 * pair + 1] = radius * sinf(theta);
+    const float radius = sqrtf(bm::mul_rn(-2.0f, bm::log_open01(u1)));
+    float sin_t, cos_t;
+    bm::sincos_0_2pi(bm::mul_rn(kTwoPi, u2), &sin_t, &cos_t);
+    out[2 * pair] = bm::mul_rn(radius, cos_t);
+    out[2 * pair + 1] = bm::mul_rn(radius, sin_t);
   }
 }
 

@@ -7,14 +7,19 @@
 // (u reaches 1.0f exactly: fl32(r) rounds up to 2^32 for r >= 2^32 - 128.) Outside those domains
 // the results are unspecified: no NaN, infinity, zero, negative or subnormal handling in the log,
 // no large-argument reduction in sincos. exp takes any float (log_sigma is a trained parameter).
-// Torch-free: benchmarks/fastmath_check.cpp compiles this header on its own and checks it
-// exhaustively over every domain against double-precision libm.
+// log8_open01 and sincos8 are the 8-lane forms of box_muller.h's scalar log_open01 and
+// sincos_0_2pi (which the CPU's scalar path and the CUDA kernels run): the same coefficients
+// (box_muller.h) and the same correctly rounded operations in the same order, so all three give
+// the same bits. Torch-free: benchmarks/fastmath_check.cpp compiles this header on its own, checks
+// it exhaustively over every domain against double-precision libm, and checks the scalar forms
+// against it bit for bit.
 //
-// The polynomial coefficients were fitted for this file (weighted minimax by Lawson's iteration
+// The polynomial coefficients were fitted for this project (weighted minimax by Lawson's iteration
 // in double precision, then rounded to float one coefficient at a time with the rest refitted).
 // Build flags: -ffp-contract=off is assumed; every FMA is written out.
 #pragma once
 
+#include "box_muller.h"
 #include "cpu/simd.h"
 
 #if BNN_HAVE_X86_SIMD
@@ -39,7 +44,7 @@ namespace fastmath {
 // 9.65e-7 (at u = 2.094e-8, where log u = -17.7 and 1 ulp = 1.9e-6). Sleef_logf8_u35avx2, which
 // this replaces in the noise generator, on the same inputs: 2.508 ulp, 2.01e-6.
 BNN_AVX2 inline __m256 log8_open01(__m256 u) {
-  const __m256i sqrt_half_bits = _mm256_set1_epi32(0x3f3504f3);  // 0.70710677f
+  const __m256i sqrt_half_bits = _mm256_set1_epi32(static_cast<int>(bm::kSqrtHalfBits));
   const __m256i t = _mm256_sub_epi32(_mm256_castps_si256(u), sqrt_half_bits);
   const __m256i e = _mm256_srai_epi32(t, 23);
   const __m256 m = _mm256_castsi256_ps(
@@ -47,18 +52,11 @@ BNN_AVX2 inline __m256 log8_open01(__m256 u) {
   const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
   const __m256 fe = _mm256_cvtepi32_ps(e);
 
-  __m256 q = _mm256_set1_ps(-0x1.381470p-4f);
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0x1.087532p-3f));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(-0x1.0f5200p-3f));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0x1.226c80p-3f));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(-0x1.5423e8p-3f));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0x1.99a41cp-3f));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(-0x1.000438p-2f));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0x1.555550p-2f));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(-0x1.fffff8p-2f));
+  __m256 q = _mm256_set1_ps(bm::log_q(0));
+  for (int k = 1; k < 9; ++k) q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(bm::log_q(k)));
 
-  const __m256 ln2_hi = _mm256_set1_ps(0x1.62e400p-1f);  // 0.693145751953125, 17 bits
-  const __m256 ln2_lo = _mm256_set1_ps(0x1.7f7d1cp-20f);
+  const __m256 ln2_hi = _mm256_set1_ps(bm::kLn2Hi);  // 17 bits
+  const __m256 ln2_lo = _mm256_set1_ps(bm::kLn2Lo);
   const __m256 a = _mm256_mul_ps(fe, ln2_hi);  // exact
   const __m256 s = _mm256_add_ps(a, f);
   const __m256 s_err = _mm256_sub_ps(f, _mm256_sub_ps(s, a));  // a + f = s + s_err exactly
@@ -87,23 +85,23 @@ BNN_AVX2 inline __m256 log8_open01(__m256 u) {
 // Sleef_sincosf8_u35avx2 on the same inputs: sin 1.547 ulp, cos 1.623 ulp.
 // (Carrying r as a float pair cut this to 1.31 ulp for 19% more time; not worth it here.)
 BNN_AVX2 inline void sincos8(__m256 x, __m256* s, __m256* c) {
-  const __m256 q = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(0x1.45f306p-1f)),
+  const __m256 q = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(bm::kTwoOverPi)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 nq = _mm256_sub_ps(_mm256_setzero_ps(), q);
-  __m256 r = _mm256_fmadd_ps(nq, _mm256_set1_ps(0x1.921fb6p+0f), x);  // exact
-  r = _mm256_fmadd_ps(nq, _mm256_set1_ps(-0x1.777a5cp-25f), r);
-  r = _mm256_fmadd_ps(nq, _mm256_set1_ps(-0x1.ee59dap-50f), r);
+  __m256 r = _mm256_fmadd_ps(nq, _mm256_set1_ps(bm::pio2(0)), x);  // exact
+  r = _mm256_fmadd_ps(nq, _mm256_set1_ps(bm::pio2(1)), r);
+  r = _mm256_fmadd_ps(nq, _mm256_set1_ps(bm::pio2(2)), r);
   const __m256 r2 = _mm256_mul_ps(r, r);
 
-  __m256 sp = _mm256_set1_ps(-0x1.9953fep-13f);
-  sp = _mm256_fmadd_ps(sp, r2, _mm256_set1_ps(0x1.110778p-7f));
-  sp = _mm256_fmadd_ps(sp, r2, _mm256_set1_ps(-0x1.555546p-3f));
+  __m256 sp = _mm256_set1_ps(bm::sin_s(0));
+  sp = _mm256_fmadd_ps(sp, r2, _mm256_set1_ps(bm::sin_s(1)));
+  sp = _mm256_fmadd_ps(sp, r2, _mm256_set1_ps(bm::sin_s(2)));
   const __m256 sin_r = _mm256_fmadd_ps(_mm256_mul_ps(r, r2), sp, r);
 
-  __m256 cp = _mm256_set1_ps(0x1.99e80cp-16f);
-  cp = _mm256_fmadd_ps(cp, r2, _mm256_set1_ps(-0x1.6c0c28p-10f));
-  cp = _mm256_fmadd_ps(cp, r2, _mm256_set1_ps(0x1.55554ap-5f));
-  cp = _mm256_fmadd_ps(cp, r2, _mm256_set1_ps(-0.5f));
+  __m256 cp = _mm256_set1_ps(bm::cos_c(0));
+  cp = _mm256_fmadd_ps(cp, r2, _mm256_set1_ps(bm::cos_c(1)));
+  cp = _mm256_fmadd_ps(cp, r2, _mm256_set1_ps(bm::cos_c(2)));
+  cp = _mm256_fmadd_ps(cp, r2, _mm256_set1_ps(bm::cos_c(3)));
   const __m256 cos_r = _mm256_fmadd_ps(cp, r2, _mm256_set1_ps(1.0f));
 
   // Quadrant: odd q swaps sin and cos (blendv reads the sign bit, so bit 0 moves to bit 31);
