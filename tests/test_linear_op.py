@@ -391,3 +391,34 @@ def test_saved_weight_of_the_wrong_shape_is_refused():
     x, g = torch.randn(1, 2, 4), torch.randn(1, 2, 3)
     with pytest.raises(ValueError, match="saved must be the sampled weight"):
         torch.ops.bnn_fast.bayes_linear_backward(g, x, mu, ls, bls, torch.empty(2, 3), 1, 1, [True] * 5)
+
+
+def test_new_seed_follows_torch_manual_seed():
+    # The compiled new_seed reads PyTorch's default CPU generator itself (no tensor): it must be
+    # reproducible under torch.manual_seed, advance that generator, and cover the int64 range.
+    torch.manual_seed(1234)
+    first = [_ops.new_seed() for _ in range(64)]
+    after = torch.rand(())
+    torch.manual_seed(1234)
+    assert [_ops.new_seed() for _ in range(64)] == first
+    assert torch.equal(torch.rand(()), after)  # the same state after the same draws
+    torch.manual_seed(1234)
+    assert not torch.equal(torch.rand(()), after)  # so the draws did advance it
+    assert len(set(first)) == 64
+    assert all(isinstance(s, int) and -(1 << 63) <= s < (1 << 63) for s in first)
+    assert any(s < 0 for s in first) and any(s > 0 for s in first)
+    assert max(s.bit_length() for s in first) >= 60  # 64 random bits, not 32
+
+
+def test_new_seed_is_eager_under_torch_compile():
+    # Traced, the draw would come from inductor's generator; the compiled function must take the
+    # same seeds from the default generator as eager code does.
+    @torch.compile(backend="eager")
+    def two_seeds(x):
+        return x + 1, _ops.new_seed(), _ops.new_seed()
+
+    torch.manual_seed(7)
+    eager = (_ops.new_seed(), _ops.new_seed())
+    torch.manual_seed(7)
+    _, a, b = two_seeds(torch.zeros(2))
+    assert (a, b) == eager
