@@ -1,6 +1,7 @@
 // Exhaustive accuracy check and throughput of csrc/cpu/fastmath.h (no torch needed), and a check
 // that box_muller.h's scalar log and sincos (the CPU's scalar path and the CUDA kernels run them)
-// give the same bits as the AVX2 forms on every input of their domains.
+// give the same bits as the AVX2 forms on every input of their domains, and the same for the
+// AVX-512 forms where the CPU has AVX-512F.
 //
 //   g++ -O2 -mavx2 -mfma -ffp-contract=off -std=c++17 -Icsrc benchmarks/fastmath_check.cpp
 //       -o /tmp/fastmath_check && /tmp/fastmath_check        (one line; from the repository root)
@@ -38,6 +39,9 @@
 using bnn_fast::cpu::fastmath::exp8;
 using bnn_fast::cpu::fastmath::log8_open01;
 using bnn_fast::cpu::fastmath::sincos8;
+using bnn_fast::cpu::fastmath::exp16;
+using bnn_fast::cpu::fastmath::log16_open01;
+using bnn_fast::cpu::fastmath::sincos16;
 
 namespace {
 
@@ -272,6 +276,66 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+// The 16-lane (AVX-512F) forms against the 8-lane ones, bit for bit: log and sincos over their
+// domains, exp over every float (NaN and infinities included). Skipped where the CPU has no
+// AVX-512F. Returns false if one input differs.
+BNN_AVX512 bool check_avx512() {
+  if (!__builtin_cpu_supports("avx512f")) {
+    std::printf("16-lane forms: skipped (no AVX-512F on this CPU)\n");
+    return true;
+  }
+  // f16(v, in, out16, out8) runs both forms on 16 inputs; returns the count of differing lanes.
+  const auto sweep = [](uint64_t first, uint64_t last, auto&& f) {
+    alignas(64) float in[16];
+    unsigned long long differs = 0;
+    for (uint64_t b = first; b <= last; b += 16) {
+      for (int k = 0; k < 16; ++k) {
+        in[k] = bits_to_float(uint32_t(std::min<uint64_t>(b + uint64_t(k), last)));
+      }
+      differs += f(in);
+    }
+    return differs;
+  };
+  const auto count = [](const float* a, const float* b) {
+    unsigned long long d = 0;
+    for (int k = 0; k < 16; ++k) d += float_to_bits(a[k]) != float_to_bits(b[k]) ? 1 : 0;
+    return d;
+  };
+  const unsigned long long log_differs =
+      sweep(float_to_bits(0x1p-33f), float_to_bits(1.0f), [&](const float* in) BNN_AVX512 {
+        alignas(64) float o16[16], o8[16];
+        _mm512_store_ps(o16, log16_open01(_mm512_load_ps(in)));
+        _mm256_store_ps(o8, log8_open01(_mm256_load_ps(in)));
+        _mm256_store_ps(o8 + 8, log8_open01(_mm256_load_ps(in + 8)));
+        return count(o16, o8);
+      });
+  const unsigned long long sincos_differs =
+      sweep(0, float_to_bits(6.2831853071795864769f), [&](const float* in) BNN_AVX512 {
+        alignas(64) float s16[16], c16[16], s8[16], c8[16];
+        __m512 s, c;
+        sincos16(_mm512_load_ps(in), &s, &c);
+        _mm512_store_ps(s16, s);
+        _mm512_store_ps(c16, c);
+        for (int h = 0; h < 2; ++h) {
+          __m256 s_, c_;
+          sincos8(_mm256_load_ps(in + 8 * h), &s_, &c_);
+          _mm256_store_ps(s8 + 8 * h, s_);
+          _mm256_store_ps(c8 + 8 * h, c_);
+        }
+        return count(s16, s8) + count(c16, c8);
+      });
+  const unsigned long long exp_differs = sweep(0, 0xFFFFFFFFull, [&](const float* in) BNN_AVX512 {
+    alignas(64) float o16[16], o8[16];
+    _mm512_store_ps(o16, exp16(_mm512_load_ps(in)));
+    _mm256_store_ps(o8, exp8(_mm256_load_ps(in)));
+    _mm256_store_ps(o8 + 8, exp8(_mm256_load_ps(in + 8)));
+    return count(o16, o8);
+  });
+  std::printf("16-lane forms != 8-lane forms: log on %llu inputs, sincos on %llu, exp on %llu "
+              "(of every float)\n", log_differs, sincos_differs, exp_differs);
+  return log_differs == 0 && sincos_differs == 0 && exp_differs == 0;
+}
+
 void bench() {
   alignas(32) static float u[kN], x[kN], l[kN], o1[kN], o2[kN];
   uint64_t state = 0x9E3779B97F4A7C15ull;
@@ -362,6 +426,7 @@ int main(int argc, char** argv) {
     ok = check_log() && ok;
     ok = check_sincos() && ok;
     ok = check_exp() && ok;
+    ok = check_avx512() && ok;
     std::printf("targets %s\n", ok ? "met" : "MISSED");
   }
   bench();

@@ -102,6 +102,10 @@ def cpu_seconds() -> tuple[float, float]:
 def machine_info(args: argparse.Namespace) -> dict:
     info = {
         "cpu": cpu_model(),
+        # torch's reading of the CPU's vector ISA; bnn_fast's noise and sampling use AVX-512F
+        # where it is present (cpu/simd.h), unless BNN_FAST_CPU_SIMD caps them.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "BNN_FAST_CPU_SIMD": os.environ.get("BNN_FAST_CPU_SIMD", "(unset)"),
         "logical_cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

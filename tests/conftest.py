@@ -10,6 +10,10 @@ CUDA = torch.cuda.is_available() and bnn_fast.backend().cuda_compiled
 
 requires_ext = pytest.mark.skipif(not EXT, reason="compiled extension not loaded: " + bnn_fast.backend().reason)
 
+# BNN_FAST_CPU_SIMD settings the CPU kernels are tested under: the best the CPU has ("1": AVX-512F
+# for the noise and the weight sampling where the CPU has it, else AVX2), AVX2 at most, scalar.
+SIMD_LEVELS = ["1", "avx2", "0"]
+
 DEVICES = [
     "cpu",
     pytest.param(

@@ -8,7 +8,8 @@ import torch
 
 from bnn_fast import _ops, reference
 from conftest import (
-    BAD_LINEAR_ARGS, CUDA, DEVICES, assert_closed_form_moments, linear_args, make_layer, requires_ext,
+    BAD_LINEAR_ARGS, CUDA, DEVICES, SIMD_LEVELS, assert_closed_form_moments, linear_args, make_layer,
+    requires_ext,
 )
 
 pytestmark = requires_ext
@@ -99,7 +100,7 @@ def test_partial_gradients_equal_reference(device, wants, S, xs, N, in_f, out_f)
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("simd", SIMD_LEVELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("S,xs,N,in_f,out_f,bias", [
     (1, 1, 1, 37, 12, True),   # 37 columns: four 8-wide vectors and a tail of 5
@@ -115,6 +116,21 @@ def test_small_batch_backward_equals_reference(monkeypatch, simd, dtype, S, xs, 
     x = torch.randn(xs, N, in_f, dtype=dtype)
     for a, b in zip(*kernel_and_reference_grads(x, params, bias, 31, S)):
         torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("S,N,in_f,out_f", [(1, 1, 300, 70), (1, 40, 64, 33), (3, 2, 129, 17)])
+def test_avx512_and_avx2_sample_the_same_weights(monkeypatch, S, N, in_f, out_f):
+    # The AVX-512 noise and exp (cpu/fastmath.h's 16-lane forms) give the AVX2 forms' bits, so the
+    # layer's outputs and gradients are identical under both; the rest of the kernel is the same
+    # code. (Without AVX-512F on the CPU both runs take the AVX2 path.)
+    params = list(make_layer(out_f, in_f, torch.float32, "cpu", seed=4))
+    x = torch.randn(1, N, in_f)
+    results = []
+    for level in ("1", "avx2"):
+        monkeypatch.setenv("BNN_FAST_CPU_SIMD", level)
+        results.append(kernel_and_reference_grads(x, params, True, 77, S)[0])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("in_f,out_f", [(700, 1), (700, 3), (2, 603)])
@@ -186,7 +202,7 @@ def test_non_contiguous_input():
     torch.testing.assert_close(got, reference_with_kernel_noise(x, mu, ls, bmu, bls, 3, 2))
 
 
-@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("simd", SIMD_LEVELS)
 def test_non_finite_parameters_propagate(monkeypatch, simd):
     # log_sigma NaN, +inf and -inf go through the CPU's vector exp (fastmath::exp8) or std::exp:
     # sigma NaN, inf and 0 (the weight is then its mean).

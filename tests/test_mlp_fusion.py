@@ -8,7 +8,7 @@ from torch import nn
 import bnn_fast
 from bnn_fast import _ops, fusion, reference
 from bnn_fast.predictive import predictive
-from conftest import CUDA, make_layer, requires_ext
+from conftest import CUDA, SIMD_LEVELS, make_layer, requires_ext
 
 pytestmark = requires_ext
 
@@ -53,7 +53,7 @@ CASES = [  # (S, x_samples, N, in, hidden, out, bias1, bias2)
 ]
 
 
-@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("simd", SIMD_LEVELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("S,xs,N,in_f,hidden,out_f,bias1,bias2", CASES)
 def test_equals_reference(monkeypatch, simd, dtype, S, xs, N, in_f, hidden, out_f, bias1, bias2):

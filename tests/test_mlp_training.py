@@ -10,7 +10,7 @@ from torch import nn
 
 import bnn_fast
 from bnn_fast import _ops, fusion
-from conftest import CUDA, make_layer, requires_ext
+from conftest import CUDA, SIMD_LEVELS, make_layer, requires_ext
 from test_mlp_fusion import CASES, article_net, reference_with_kernel_noise, spy_on
 
 pytestmark = requires_ext
@@ -50,7 +50,7 @@ def tolerance(dtype, hidden, n_terms):
     return dict(rtol=1e-4, atol=1e-4) if max(hidden, n_terms) > 64 else dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("simd", SIMD_LEVELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("S,xs,N,in_f,hidden,out_f,bias1,bias2", CASES)
 def test_gradients_equal_the_reference_with_the_kernel_noise(monkeypatch, simd, dtype, S, xs, N, in_f, hidden,
@@ -159,7 +159,7 @@ def test_hidden_widths_around_the_vector_width_and_empty_inputs():
     assert got[0].shape == (1, 0, 2) and all(torch.equal(g, torch.zeros_like(g)) for g in got[1:])
 
 
-@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("simd", SIMD_LEVELS)
 @pytest.mark.parametrize("where", ["weight2", "x", "weight1"])
 def test_nan_gradients_equal_the_layers_run_one_by_one(monkeypatch, simd, where):
     # relu's backward passes the gradient at a NaN activation (threshold_backward zeroes it only

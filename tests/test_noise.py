@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bnn_fast import _ops, reference
-from conftest import DEVICES, requires_ext
+from conftest import DEVICES, SIMD_LEVELS, requires_ext
 
 KAT_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "philox4x32_10_kat.txt")
 # Random123's kat_vectors for philox4x32-10: counter[4], key[2], expected[4].
@@ -44,7 +44,7 @@ def test_reference_philox_matches_known_answers(counter, key, expected):
 
 @requires_ext
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("simd", SIMD_LEVELS)
 def test_normal_equals_reference(device, simd, monkeypatch):
     monkeypatch.setenv("BNN_FAST_CPU_SIMD", simd)
     seed = 0xDEADBEEF12345678
@@ -55,7 +55,7 @@ def test_normal_equals_reference(device, simd, monkeypatch):
 
 
 @requires_ext
-@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("simd", SIMD_LEVELS)
 def test_normal_is_bit_identical_for_any_split(simd, monkeypatch):
     monkeypatch.setenv("BNN_FAST_CPU_SIMD", simd)
     whole = _ops.normal((5000,), 42, 1)
@@ -85,19 +85,23 @@ def test_normal_float64_is_float32_noise_cast():
 
 
 @requires_ext
-def test_normal_simd_and_scalar_paths_are_bit_identical(monkeypatch):
-    # The scalar path runs box_muller.h's log and sincos, the AVX2 path their 8-lane forms in
-    # cpu/fastmath.h: the same operations in the same order (an odd offset and length: partial
-    # groups at both ends).
-    simd = _ops.normal((100_003,), 11, 0, offset=5)
-    monkeypatch.setenv("BNN_FAST_CPU_SIMD", "0")
-    scalar = _ops.normal((100_003,), 11, 0, offset=5)
-    assert torch.equal(simd, scalar)
+@pytest.mark.parametrize("n,offset", [(100_003, 5), (64, 64), (63, 1), (130, 62), (1, 0)])
+def test_normal_every_simd_level_gives_the_same_bits(monkeypatch, n, offset):
+    # The scalar path runs box_muller.h's log and sincos, the AVX2 and AVX-512 paths their 8- and
+    # 16-lane forms in cpu/fastmath.h: the same operations in the same order. Odd offsets and
+    # lengths: partial 32- and 64-normal groups at both ends. (Where the CPU has no AVX-512F, "1"
+    # is AVX2 and two of the three runs take the same path.)
+    runs = {}
+    for level in SIMD_LEVELS:
+        monkeypatch.setenv("BNN_FAST_CPU_SIMD", level)
+        runs[level] = _ops.normal((n,), 11, 0, offset=offset)
+    for level in SIMD_LEVELS[1:]:
+        assert torch.equal(runs[level], runs[SIMD_LEVELS[0]]), level
 
 
 @requires_ext
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("simd", SIMD_LEVELS)
 def test_normal_cpu_and_cuda_are_bit_identical(simd, monkeypatch):
     # The CUDA kernels run box_muller.h's scalar functions, written with non-contracting
     # operations, so the GPU gives the CPU's bits.

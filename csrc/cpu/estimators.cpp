@@ -32,7 +32,7 @@ template <class F>
 void for_each_noise_tile(int64_t S, int64_t R, uint64_t seed, uint64_t stream, const F& f) {
   const int64_t total = S * R;
   if (total == 0) return;
-  const bool simd = use_avx2();
+  const SimdLevel simd = simd_level();
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
     float eps[kTile];
     for (int64_t i = begin; i < end;) {
@@ -106,7 +106,7 @@ struct CpuKernels {
         return;
       }
       // Broadcast input: each thread owns a range of r and sums the S samples in order.
-      const bool simd = use_avx2();
+      const SimdLevel simd = simd_level();
       at::parallel_for(0, R, std::max<int64_t>(1, kGrain / S), [&](int64_t begin, int64_t end) {
         float eps[kTile];
         for (int64_t r = begin; r < end;) {

@@ -159,6 +159,98 @@ BNN_AVX2 inline __m256 exp8(__m256 x) {
   return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 
+// ---- 16-lane (AVX-512F) forms of log8_open01, sincos8 and exp8 ------------------------------
+// The same operations in the same order on 16 lanes (the sign-bit blends become mask blends, the
+// float xors integer ones, which AVX-512F has), so they give the 8-lane forms' bits:
+// checked exhaustively against them by benchmarks/fastmath_check.cpp where the CPU has AVX-512F,
+// and through the noise in tests/test_noise.py.
+
+// (GCC 12 reports its own _mm512_undefined_*() in avx512fintrin.h as uninitialized, bug 105593.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+BNN_AVX512 inline __m512 log16_open01(__m512 u) {
+  const __m512i sqrt_half_bits = _mm512_set1_epi32(static_cast<int>(bm::kSqrtHalfBits));
+  const __m512i t = _mm512_sub_epi32(_mm512_castps_si512(u), sqrt_half_bits);
+  const __m512i e = _mm512_srai_epi32(t, 23);
+  const __m512 m = _mm512_castsi512_ps(
+      _mm512_add_epi32(_mm512_and_si512(t, _mm512_set1_epi32(0x007fffff)), sqrt_half_bits));
+  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
+  const __m512 fe = _mm512_cvtepi32_ps(e);
+
+  __m512 q = _mm512_set1_ps(bm::log_q(0));
+  for (int k = 1; k < 9; ++k) q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(bm::log_q(k)));
+
+  const __m512 a = _mm512_mul_ps(fe, _mm512_set1_ps(bm::kLn2Hi));  // exact
+  const __m512 s = _mm512_add_ps(a, f);
+  const __m512 s_err = _mm512_sub_ps(f, _mm512_sub_ps(s, a));
+  const __m512 tail = _mm512_mul_ps(_mm512_mul_ps(f, f), q);
+  const __m512 lo = _mm512_add_ps(_mm512_fmadd_ps(fe, _mm512_set1_ps(bm::kLn2Lo), tail), s_err);
+  return _mm512_add_ps(s, lo);
+}
+
+BNN_AVX512 inline void sincos16(__m512 x, __m512* s, __m512* c) {
+  const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(bm::kTwoOverPi)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 nq = _mm512_sub_ps(_mm512_setzero_ps(), q);
+  __m512 r = _mm512_fmadd_ps(nq, _mm512_set1_ps(bm::pio2(0)), x);  // exact
+  r = _mm512_fmadd_ps(nq, _mm512_set1_ps(bm::pio2(1)), r);
+  r = _mm512_fmadd_ps(nq, _mm512_set1_ps(bm::pio2(2)), r);
+  const __m512 r2 = _mm512_mul_ps(r, r);
+
+  __m512 sp = _mm512_set1_ps(bm::sin_s(0));
+  sp = _mm512_fmadd_ps(sp, r2, _mm512_set1_ps(bm::sin_s(1)));
+  sp = _mm512_fmadd_ps(sp, r2, _mm512_set1_ps(bm::sin_s(2)));
+  const __m512 sin_r = _mm512_fmadd_ps(_mm512_mul_ps(r, r2), sp, r);
+
+  __m512 cp = _mm512_set1_ps(bm::cos_c(0));
+  cp = _mm512_fmadd_ps(cp, r2, _mm512_set1_ps(bm::cos_c(1)));
+  cp = _mm512_fmadd_ps(cp, r2, _mm512_set1_ps(bm::cos_c(2)));
+  cp = _mm512_fmadd_ps(cp, r2, _mm512_set1_ps(bm::cos_c(3)));
+  const __m512 cos_r = _mm512_fmadd_ps(cp, r2, _mm512_set1_ps(1.0f));
+
+  const __m512i iq = _mm512_cvtps_epi32(q);
+  const __mmask16 swap = _mm512_test_epi32_mask(iq, _mm512_set1_epi32(1));
+  const __m512i sign_s = _mm512_slli_epi32(_mm512_srli_epi32(iq, 1), 31);
+  const __m512i sign_c =
+      _mm512_slli_epi32(_mm512_srli_epi32(_mm512_add_epi32(iq, _mm512_set1_epi32(1)), 1), 31);
+  *s = _mm512_castsi512_ps(
+      _mm512_xor_si512(_mm512_castps_si512(_mm512_mask_blend_ps(swap, sin_r, cos_r)), sign_s));
+  *c = _mm512_castsi512_ps(
+      _mm512_xor_si512(_mm512_castps_si512(_mm512_mask_blend_ps(swap, cos_r, sin_r)), sign_c));
+}
+
+// exp8 on 16 lanes: the same operations (max/min return their second operand for a NaN, as
+// the AVX2 forms do; the NaN blend uses a compare mask), the same bits.
+BNN_AVX512 inline __m512 exp16(__m512 x) {
+  const __m512 xc =
+      _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(0x1.715476p+0f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.62e400p-1f), xc);  // exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.7f7d1cp-20f), r);
+
+  __m512 p = _mm512_set1_ps(0x1.6a4b34p-10f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.12398ep-7f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.5558b2p-5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.555492p-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.fffffcp-2f));
+  const __m512 e_r =
+      _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+
+  const __m512i ni = _mm512_cvtps_epi32(n);
+  const __m512i half = _mm512_srai_epi32(ni, 1);
+  const __m512i bias = _mm512_set1_epi32(127);
+  const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(half, bias), 23));
+  const __m512 s2 = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(ni, half), bias), 23));
+  const __m512 y = _mm512_mul_ps(_mm512_mul_ps(e_r, s1), s2);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
+}
+
+#pragma GCC diagnostic pop
+
 }  // namespace fastmath
 }  // namespace cpu
 }  // namespace bnn_fast

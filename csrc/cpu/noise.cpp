@@ -5,7 +5,8 @@
 // cpu/fastmath.h (polynomials for exactly the contract's domains, within 1.5 ulp of libm, checked
 // exhaustively by benchmarks/fastmath_check.cpp): 32 normals per group, two groups per step. Work is done in aligned
 // groups of 32 indices (8 Philox blocks), so whichever way a range is split, each index is
-// computed by the same instructions: bit-identical results. The scalar path (no AVX2, or
+// computed by the same instructions: bit-identical results. Where the CPU has AVX-512F the same
+// operations run on 16 lanes (64 normals per group), again with the same bits. The scalar path (no AVX2, or
 // BNN_FAST_CPU_SIMD=0) runs box_muller.h's scalar log and sincos, the same operations as the
 // AVX2 forms, so it gives the same bits too (tests/test_noise.py), and so do the CUDA kernels.
 #include <ATen/ATen.h>
@@ -180,6 +181,137 @@ BNN_AVX2 void fill_normal_avx2(float* out, int64_t n, uint64_t seed, uint64_t st
     }
   }
 }
+
+// ---- AVX-512F: 16 Philox blocks per vector -------------------------------------------------
+// The AVX2 path's operations on 16 lanes: 64 normals per group, two groups interleaved. The
+// 32x32->64 products are still even/odd vpmuludq pairs; the uint32 -> float conversion is one
+// vcvtudq2ps, which rounds to nearest as u32_to_float's exact halves and single addition do.
+// Same bits as the AVX2 and scalar paths (tests/test_noise.py).
+constexpr int64_t kGroup16 = 64;
+
+// GCC 12's avx512fintrin.h builds the unmasked forms of many intrinsics from
+// _mm512_undefined_*(), which -W(maybe-)uninitialized then reports at every use (GCC bug 105593,
+// fixed in GCC 13). Nothing here reads an undefined value.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+BNN_AVX512 inline void mulhilo16(__m512i a, __m512i m, __m512i* hi, __m512i* lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+BNN_AVX512 inline __m512 uniform_open01_16(__m512i r) {
+  return _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepu32_ps(r), _mm512_set1_ps(kTwoPow32Inv)),
+                       _mm512_set1_ps(kTwoPow33Inv));
+}
+
+struct RoundKeys16 {
+  __m512i k[20];
+};
+
+BNN_AVX512 inline void make_round_keys16(uint64_t seed, RoundKeys16* keys) {
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    keys->k[2 * round] = _mm512_set1_epi32(static_cast<int>(k0));
+    keys->k[2 * round + 1] = _mm512_set1_epi32(static_cast<int>(k1));
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
+// Box-Muller on the four output words of 16 Philox blocks, stored as their 64 normals in order.
+BNN_AVX512 inline void box_muller_store_avx512(const __m512i r[4], float* out) {
+  __m512 z[4];
+  for (int pair = 0; pair < 2; ++pair) {
+    const __m512 u1 = uniform_open01_16(r[2 * pair]);
+    const __m512 u2 = uniform_open01_16(r[2 * pair + 1]);
+    const __m512 radius =
+        _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), fastmath::log16_open01(u1)));
+    __m512 sin_t, cos_t;
+    fastmath::sincos16(_mm512_mul_ps(_mm512_set1_ps(kTwoPi), u2), &sin_t, &cos_t);
+    z[2 * pair] = _mm512_mul_ps(radius, cos_t);
+    z[2 * pair + 1] = _mm512_mul_ps(radius, sin_t);
+  }
+  // z[j] lane k is normal 4k + j. Within each 128-bit lane L the unpacks give e, f, g, h = the 4
+  // normals of blocks 4L, 4L+1, 4L+2, 4L+3; then a 4 x 4 transpose of 128-bit lanes.
+  const __m512 a = _mm512_unpacklo_ps(z[0], z[1]);
+  const __m512 b = _mm512_unpackhi_ps(z[0], z[1]);
+  const __m512 c = _mm512_unpacklo_ps(z[2], z[3]);
+  const __m512 d = _mm512_unpackhi_ps(z[2], z[3]);
+  const __m512 e = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(c)));
+  const __m512 f = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(c)));
+  const __m512 g = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(b), _mm512_castps_pd(d)));
+  const __m512 h = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(b), _mm512_castps_pd(d)));
+  const __m512 ef01 = _mm512_shuffle_f32x4(e, f, 0x44);  // e0 e1 f0 f1
+  const __m512 gh01 = _mm512_shuffle_f32x4(g, h, 0x44);  // g0 g1 h0 h1
+  const __m512 ef23 = _mm512_shuffle_f32x4(e, f, 0xEE);  // e2 e3 f2 f3
+  const __m512 gh23 = _mm512_shuffle_f32x4(g, h, 0xEE);  // g2 g3 h2 h3
+  _mm512_storeu_ps(out + 0, _mm512_shuffle_f32x4(ef01, gh01, 0x88));   // e0 f0 g0 h0
+  _mm512_storeu_ps(out + 16, _mm512_shuffle_f32x4(ef01, gh01, 0xDD));  // e1 f1 g1 h1
+  _mm512_storeu_ps(out + 32, _mm512_shuffle_f32x4(ef23, gh23, 0x88));  // e2 f2 g2 h2
+  _mm512_storeu_ps(out + 48, _mm512_shuffle_f32x4(ef23, gh23, 0xDD));  // e3 f3 g3 h3
+}
+
+// Normals 4*first_block .. 4*first_block + 64*G - 1; first_block % 16 == 0.
+template <int G>
+BNN_AVX512 void normal_groups_avx512(const RoundKeys16& keys, uint64_t stream,
+                                     uint64_t first_block, float* out) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512i c0[G], c1[G], c2[G], c3[G];
+  for (int g = 0; g < G; ++g) {
+    const uint64_t block = first_block + 16 * uint64_t(g);
+    c0[g] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(uint32_t(block))), lane);
+    c1[g] = _mm512_set1_epi32(static_cast<int>(uint32_t(block >> 32)));
+    c2[g] = _mm512_set1_epi32(static_cast<int>(uint32_t(stream)));
+    c3[g] = _mm512_set1_epi32(static_cast<int>(uint32_t(stream >> 32)));
+  }
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
+  for (int round = 0; round < 10; ++round) {
+    for (int g = 0; g < G; ++g) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(c0[g], m0, &hi0, &lo0);
+      mulhilo16(c2[g], m1, &hi1, &lo1);
+      c0[g] = _mm512_xor_si512(_mm512_xor_si512(hi1, c1[g]), keys.k[2 * round]);
+      c2[g] = _mm512_xor_si512(_mm512_xor_si512(hi0, c3[g]), keys.k[2 * round + 1]);
+      c1[g] = lo1;
+      c3[g] = lo0;
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __m512i r[4] = {c0[g], c1[g], c2[g], c3[g]};
+    box_muller_store_avx512(r, out + kGroup16 * g);
+  }
+}
+
+BNN_AVX512 void fill_normal_avx512(float* out, int64_t n, uint64_t seed, uint64_t stream,
+                                   uint64_t start) {
+  RoundKeys16 keys;
+  make_round_keys16(seed, &keys);
+  uint64_t i = start;
+  const uint64_t end = start + static_cast<uint64_t>(n);
+  while (i < end) {
+    const uint64_t g_begin = i / kGroup16 * kGroup16;
+    const uint64_t g_end = g_begin + kGroup16;
+    if (i == g_begin && g_end + kGroup16 <= end) {
+      normal_groups_avx512<2>(keys, stream, g_begin / 4, out + (i - start));
+      i = g_end + kGroup16;
+    } else if (i == g_begin && g_end <= end) {
+      normal_groups_avx512<1>(keys, stream, g_begin / 4, out + (i - start));
+      i = g_end;
+    } else {  // a partial group at either end of the range
+      float z[kGroup16];
+      normal_groups_avx512<1>(keys, stream, g_begin / 4, z);
+      const uint64_t stop = std::min(end, g_end);
+      std::memcpy(out + (i - start), z + (i - g_begin), (stop - i) * sizeof(float));
+      i = stop;
+    }
+  }
+}
+#pragma GCC diagnostic pop
 #endif
 
 void fill_normal_cpu(const at::Tensor& out, int64_t seed, int64_t stream, int64_t offset) {
@@ -224,9 +356,10 @@ at::Tensor philox4x32_10_cpu(const at::Tensor& counter_in, const at::Tensor& key
 }  // namespace
 
 void fill_normal(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start,
-                 bool simd) {
+                 SimdLevel simd) {
 #if BNN_HAVE_X86_SIMD
-  if (simd) return fill_normal_avx2(out, n, seed, stream, start);
+  if (simd == kAvx512) return fill_normal_avx512(out, n, seed, stream, start);
+  if (simd == kAvx2) return fill_normal_avx2(out, n, seed, stream, start);
   static const bool has_fma = __builtin_cpu_supports("fma");
   if (has_fma) return fill_normal_scalar_fma(out, n, seed, stream, start);
 #endif
@@ -235,7 +368,7 @@ void fill_normal(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t
 }
 
 void fill_normal_parallel(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start) {
-  const bool simd = use_avx2();
+  const SimdLevel simd = simd_level();
   at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
     fill_normal(out + b, e - b, seed, stream, start + uint64_t(b), simd);
   });

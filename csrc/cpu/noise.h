@@ -5,12 +5,16 @@
 
 #include <cstdint>
 
+#include "cpu/simd.h"
+
 namespace bnn_fast {
 namespace cpu {
 
 // out[k] = normal(seed, stream, start + k) for k in [0, n). Single-threaded; callers split.
-// simd: use_avx2() (cpu/simd.h), taken once by the caller rather than on every tile.
-void fill_normal(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start, bool simd);
+// simd: simd_level() (cpu/simd.h), taken once by the caller rather than on every tile; every
+// level gives the same bits.
+void fill_normal(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start,
+                 SimdLevel simd);
 
 // The same, split over the intra-op threads (at::parallel_for): bit-identical to fill_normal.
 void fill_normal_parallel(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t start);

@@ -1,7 +1,8 @@
 // CPU SIMD support: run-time AVX2 detection and the Sleef vector functions that libtorch_cpu
 // already exports (torch ships them; we declare only what we call, to avoid sleef.h's
-// per-ISA macro setup). Kernels mark their AVX2 bodies BNN_AVX2 and keep a scalar path that
-// always works; BNN_FAST_CPU_SIMD=0 forces the scalar path (tests run both).
+// per-ISA macro setup). Kernels mark their AVX2 bodies BNN_AVX2 (AVX-512 ones BNN_AVX512) and
+// keep a scalar path that always works; BNN_FAST_CPU_SIMD=0 forces the scalar path (tests run
+// every level the CPU has).
 #pragma once
 
 #include <cstdlib>
@@ -11,6 +12,7 @@
 #define BNN_HAVE_X86_SIMD 1
 #include <immintrin.h>
 #define BNN_AVX2 __attribute__((target("avx2,fma")))
+#define BNN_AVX512 __attribute__((target("avx512f,avx2,fma")))
 
 extern "C" {
 __m256 Sleef_expf8_u10avx2(__m256);
@@ -23,18 +25,29 @@ __m256d Sleef_expd4_u10avx2(__m256d);
 namespace bnn_fast {
 namespace cpu {
 
+// The widest vector path a kernel may take. Unscoped on purpose: a level converts to bool
+// (kScalar -> false), so code that only has an AVX2 path takes it as "vector or not".
+enum SimdLevel : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
 // Reads the environment (about 40 ns): kernels call it once per call or parallel task and pass
-// the answer down, never per element, row or tile.
-inline bool use_avx2() {
+// the answer down, never per element, row or tile. BNN_FAST_CPU_SIMD=0 forces the scalar paths,
+// BNN_FAST_CPU_SIMD=avx2 caps them at AVX2; otherwise the best the CPU has (AVX-512 is used only
+// by the noise generator, cpu/noise.cpp).
+inline SimdLevel simd_level() {
 #if BNN_HAVE_X86_SIMD
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f");
   // Read on every call (cheap next to any kernel) so tests can switch paths within one process.
   const char* env = std::getenv("BNN_FAST_CPU_SIMD");
-  return supported && !(env != nullptr && std::strcmp(env, "0") == 0);
+  if (!avx2 || (env != nullptr && std::strcmp(env, "0") == 0)) return kScalar;
+  if (!avx512 || (env != nullptr && std::strcmp(env, "avx2") == 0)) return kAvx2;
+  return kAvx512;
 #else
-  return false;
+  return kScalar;
 #endif
 }
+
+inline bool use_avx2() { return simd_level() != kScalar; }
 
 }  // namespace cpu
 }  // namespace bnn_fast
