@@ -7,7 +7,7 @@ from torch.distributions import Normal, kl_divergence
 
 import bnn_fast
 from bnn_fast import _ops, reference
-from conftest import DEVICES, requires_ext
+from conftest import DEVICES, SIMD_LEVELS, requires_ext
 
 pytestmark = requires_ext
 
@@ -110,24 +110,35 @@ def test_kl_is_deterministic_across_thread_counts(device):
     assert one.item() == two.item()
 
 
-def test_kl_cpu_scalar_path_equals_simd_path(monkeypatch):
-    mus, lss = make_params([(257, 3), (11,)], torch.float64, "cpu", seed=5)
-    simd = _ops.gaussian_kl(mus, lss, 0.2, -1.5)
-    monkeypatch.setenv("BNN_FAST_CPU_SIMD", "0")
-    scalar = _ops.gaussian_kl(mus, lss, 0.2, -1.5)
-    torch.testing.assert_close(simd, scalar, rtol=1e-13, atol=0)
+@pytest.mark.parametrize("level", ["1", "avx2"])  # "1": AVX-512 where the CPU has it
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_cpu_scalar_path_equals_simd_path(monkeypatch, level, dtype):
+    mus, lss = make_params([(257, 3), (11,), (40,)], dtype, "cpu", seed=5)
+    results = []
+    for setting in (level, "0"):
+        monkeypatch.setenv("BNN_FAST_CPU_SIMD", setting)
+        leaves = [t.detach().clone().requires_grad_(True) for t in mus + lss]
+        kl = _ops.gaussian_kl(leaves[:len(mus)], leaves[len(mus):], 0.2, -1.5)
+        results.append([kl] + list(torch.autograd.grad(kl, leaves)))
+    # float64 differs only in the order of the sums; float32 also in the exp of 2 log_sigma (the
+    # vector paths' float exp against the scalar path's double exp: an ulp of sigma^2 / s^2, about
+    # 1, which grad_log_sigma = sigma^2 / s^2 - 1 keeps as an absolute error where it is near 0).
+    tol = dict(rtol=1e-13, atol=0) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
 
 
-@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("simd", SIMD_LEVELS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("log_sigma,prior_log_sigma", [(50.0, 45.0), (-50.0, -50.0)])
 def test_kl_float32_log_sigma_past_the_float_exp_range(monkeypatch, simd, device, log_sigma, prior_log_sigma):
     # exp(2 * 50) overflows float32 and exp(-100) is below its smallest subnormal, not so the KL:
     # with a prior sigma of e^45, each element at 50 is 45 - 50 + e^100 / (2 e^90) - 1/2 =
-    # e^10 / 2 - 5.5; at -50 against a prior sigma of e^-50 it is 0. 16 elements: two AVX2 blocks.
+    # e^10 / 2 - 5.5; at -50 against a prior sigma of e^-50 it is 0. 40 elements: five AVX2 blocks,
+    # or two AVX-512 blocks and a scalar tail.
     monkeypatch.setenv("BNN_FAST_CPU_SIMD", simd)
-    ls = torch.full((16,), log_sigma, device=device)
-    ls[3] = log_sigma - 1.0  # another value in the first AVX2 block
+    ls = torch.full((40,), log_sigma, device=device)
+    ls[3] = log_sigma - 1.0  # another value in the first block
     mu = torch.zeros_like(ls)
     got = _ops.gaussian_kl([mu], [ls], 0.0, prior_log_sigma)
     want = reference.gaussian_kl([mu.double()], [ls.double()], 0.0, prior_log_sigma)
@@ -135,7 +146,7 @@ def test_kl_float32_log_sigma_past_the_float_exp_range(monkeypatch, simd, device
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("simd", SIMD_LEVELS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_kl_past_the_float32_range_is_inf_not_an_error(monkeypatch, simd, device):
     # sigma^2 / s^2 = e^2 / e^-100: the KL itself exceeds float32, as in float arithmetic.

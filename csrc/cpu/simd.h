@@ -5,6 +5,7 @@
 // every level the CPU has).
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -48,6 +49,21 @@ inline SimdLevel simd_level() {
 }
 
 inline bool use_avx2() { return simd_level() != kScalar; }
+
+// Software prefetch for the read streams of loops that do much arithmetic per byte (the KL, the
+// weight sampling): there the hardware prefetcher fell behind on the development VM, and the KL
+// forward's loop over 10.5M float32 elements ran at 2.25 ns per element without this, 0.72 with
+// it (a scratch program; 4 KiB ahead, one prefetch per cache line). Prefetching past the end of
+// an array is harmless: the instruction never faults.
+constexpr int64_t kPrefetchAhead = 4096;  // bytes
+
+// Prefetches the cache lines of [p + kPrefetchAhead, p + kPrefetchAhead + bytes): call once per
+// `bytes` of the stream consumed.
+template <int64_t bytes, typename T>
+inline __attribute__((always_inline)) void prefetch_ahead(const T* p) {
+  const char* c = reinterpret_cast<const char*>(p) + kPrefetchAhead;
+  for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(c + line, 0, 3);
+}
 
 }  // namespace cpu
 }  // namespace bnn_fast
