@@ -171,7 +171,8 @@ def _run_fused(a: BayesLinear, r: nn.ReLU, b: BayesLinear, x: Tensor) -> Tensor:
     seed2 = _ops.new_seed()
     op = _ops.bayes_mlp if needs_grad else _ops.bayes_mlp_inference
     y = op(xs, layer1, seed1, layer2, seed2, n_samples)
-    return y[0] if state is None else sampling.unfold_output(y)
+    # squeeze(0), not y[0]: select's backward would zero-fill and copy the gradient
+    return y.squeeze(0) if state is None else sampling.unfold_output(y)
 
 
 class FusedSequential(nn.Sequential):
