@@ -4,6 +4,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/library.h>
 
+#include "cpu/memory.h"
+
 #include <cstdint>
 #include <mutex>
 
@@ -22,16 +24,33 @@ PyObject* new_seed(PyObject* /*self*/, PyObject* /*args*/) {
   return PyLong_FromLongLong(static_cast<long long>(static_cast<int64_t>(bits)));
 }
 
+// cpu_cache_info() -> (in_use, cached): bytes of the CPU output cache (cpu/memory.h) handed
+// out, and held free.
+PyObject* cpu_cache_info(PyObject* /*self*/, PyObject* /*args*/) {
+  const bnn_fast::cpu::CacheInfo info = bnn_fast::cpu::cache_info();
+  return Py_BuildValue("(LL)", static_cast<long long>(info.in_use),
+                       static_cast<long long>(info.cached));
+}
+
+PyObject* release_cpu_cache(PyObject* /*self*/, PyObject* /*args*/) {
+  bnn_fast::cpu::release_cache();
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"new_seed", new_seed, METH_NOARGS,
      "new_seed() -> int: 64 random bits from PyTorch's default CPU generator, as an int64."},
+    {"cpu_cache_info", cpu_cache_info, METH_NOARGS,
+     "cpu_cache_info() -> (in_use, cached): bytes of the CPU output cache."},
+    {"release_cpu_cache", release_cpu_cache, METH_NOARGS,
+     "release_cpu_cache(): frees the CPU output cache's free blocks."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
 extern "C" {
 // Importing _C loads this library, whose static initializers register the operators with the
-// dispatcher; the module itself holds one function, new_seed.
+// dispatcher; the module itself holds new_seed and the CPU output cache's two functions.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

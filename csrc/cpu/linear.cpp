@@ -119,8 +119,7 @@ at::Tensor sample(const at::Tensor& mu, const at::Tensor& ls, int64_t n_samples,
                   uint64_t stream) {
   std::vector<int64_t> shape{n_samples};
   shape.insert(shape.end(), ls.sizes().begin(), ls.sizes().end());
-  at::Tensor out = at::empty(shape, ls.options());
-  advise_huge_pages(out);
+  at::Tensor out = empty_large(shape, ls.options());
   const int64_t numel = ls.numel();
   const int64_t total = n_samples * numel;
   if (total == 0) return out;
@@ -324,8 +323,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x_in, const at::Ten
     const at::Tensor x = x_in.contiguous();
     at::Tensor w;
     if (keep_weight) {
-      w = at::empty({S, out, in}, mu.options());
-      advise_huge_pages(w);
+      w = empty_large({S, out, in}, mu.options());
     }
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_cpu", [&] {
       linear_fused_small_batch(x.const_data_ptr<scalar_t>(), mu.const_data_ptr<scalar_t>(),
