@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/fastmath.h"
 #include "cpu/noise.h"
@@ -156,30 +157,43 @@ BNN_AVX2 void normal_groups_avx2(const RoundKeys& keys, uint64_t stream, uint64_
   }
 }
 
-BNN_AVX2 void fill_normal_avx2(float* out, int64_t n, uint64_t seed, uint64_t stream,
-                               uint64_t start) {
-  RoundKeys keys;
-  make_round_keys(seed, &keys);
+// The range walk of both vector paths: normals start .. start + n - 1 into out, in aligned groups
+// of kSize (two whole groups per call where the range holds them, then one; a partial group at
+// either end through a buffer). groups(std::integral_constant<int, G>, first_block, dst) writes
+// the G * kSize normals from Philox block first_block on. Each index goes through the same group
+// code whatever the split, so any split gives the same bits. Inlined into each path's function,
+// so it is compiled for that path's target.
+template <int64_t kSize, typename Groups>
+inline __attribute__((always_inline)) void fill_in_groups(float* out, int64_t n, uint64_t start,
+                                                          const Groups& groups) {
   uint64_t i = start;
   const uint64_t end = start + static_cast<uint64_t>(n);
   while (i < end) {
-    const uint64_t group = i / kGroup;
-    const uint64_t g_begin = group * kGroup;
-    const uint64_t g_end = g_begin + kGroup;
-    if (i == g_begin && g_end + kGroup <= end) {
-      normal_groups_avx2<2>(keys, stream, g_begin / 4, out + (i - start));
-      i = g_end + kGroup;
+    const uint64_t g_begin = i / kSize * kSize;
+    const uint64_t g_end = g_begin + kSize;
+    if (i == g_begin && g_end + kSize <= end) {
+      groups(std::integral_constant<int, 2>(), g_begin / 4, out + (i - start));
+      i = g_end + kSize;
     } else if (i == g_begin && g_end <= end) {
-      normal_groups_avx2<1>(keys, stream, g_begin / 4, out + (i - start));
+      groups(std::integral_constant<int, 1>(), g_begin / 4, out + (i - start));
       i = g_end;
     } else {  // a partial group at either end of the range
-      float z[kGroup];
-      normal_groups_avx2<1>(keys, stream, g_begin / 4, z);
+      float z[kSize];
+      groups(std::integral_constant<int, 1>(), g_begin / 4, z);
       const uint64_t stop = std::min(end, g_end);
       std::memcpy(out + (i - start), z + (i - g_begin), (stop - i) * sizeof(float));
       i = stop;
     }
   }
+}
+
+BNN_AVX2 void fill_normal_avx2(float* out, int64_t n, uint64_t seed, uint64_t stream,
+                               uint64_t start) {
+  RoundKeys keys;
+  make_round_keys(seed, &keys);
+  fill_in_groups<kGroup>(out, n, start, [&](auto g, uint64_t first_block, float* dst) BNN_AVX2 {
+    normal_groups_avx2<decltype(g)::value>(keys, stream, first_block, dst);
+  });
 }
 
 // ---- AVX-512F: 16 Philox blocks per vector -------------------------------------------------
@@ -291,25 +305,9 @@ BNN_AVX512 void fill_normal_avx512(float* out, int64_t n, uint64_t seed, uint64_
                                    uint64_t start) {
   RoundKeys16 keys;
   make_round_keys16(seed, &keys);
-  uint64_t i = start;
-  const uint64_t end = start + static_cast<uint64_t>(n);
-  while (i < end) {
-    const uint64_t g_begin = i / kGroup16 * kGroup16;
-    const uint64_t g_end = g_begin + kGroup16;
-    if (i == g_begin && g_end + kGroup16 <= end) {
-      normal_groups_avx512<2>(keys, stream, g_begin / 4, out + (i - start));
-      i = g_end + kGroup16;
-    } else if (i == g_begin && g_end <= end) {
-      normal_groups_avx512<1>(keys, stream, g_begin / 4, out + (i - start));
-      i = g_end;
-    } else {  // a partial group at either end of the range
-      float z[kGroup16];
-      normal_groups_avx512<1>(keys, stream, g_begin / 4, z);
-      const uint64_t stop = std::min(end, g_end);
-      std::memcpy(out + (i - start), z + (i - g_begin), (stop - i) * sizeof(float));
-      i = stop;
-    }
-  }
+  fill_in_groups<kGroup16>(out, n, start, [&](auto g, uint64_t first_block, float* dst) BNN_AVX512 {
+    normal_groups_avx512<decltype(g)::value>(keys, stream, first_block, dst);
+  });
 }
 #pragma GCC diagnostic pop
 #endif
