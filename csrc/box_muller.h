@@ -1,9 +1,9 @@
 // The log and sincos of the RNG contract's Box-Muller step (DESIGN.md section 3), written once as
 // scalar __host__ __device__ code: the CPU's scalar path and every CUDA kernel run these
-// functions, and cpu/fastmath.h runs the same operations on 8 lanes with AVX2, from the same
-// coefficients below. Each function is a fixed sequence of correctly rounded float operations
+// functions, and cpu/fastmath.h runs the same operations on 8 lanes (AVX2) and 16 (AVX-512F),
+// from the same coefficients below. Each function is a fixed sequence of correctly rounded float operations
 // (+, -, *, fmaf, sqrtf, int <-> float conversions) with every fused multiply-add written out, so
-// the CPU (scalar or AVX2) and the GPU give the same bits: no libm, whose log/sin/cos differ
+// the CPU (scalar, AVX2 or AVX-512) and the GPU give the same bits: no libm, whose log/sin/cos differ
 // between the host and the device, and no contraction (device code uses the _rn intrinsics,
 // which nvcc never fuses; host code is built with -ffp-contract=off).
 //
@@ -16,8 +16,9 @@
 //
 // The polynomial coefficients were fitted for this project (weighted minimax by Lawson's
 // iteration in double precision, then rounded to float one coefficient at a time with the rest
-// refitted). benchmarks/fastmath_check.cpp checks both forms exhaustively over their domains
-// against double-precision libm, and the scalar form against the AVX2 form bit for bit.
+// refitted). benchmarks/fastmath_check.cpp checks them exhaustively over their domains against
+// double-precision libm, the scalar form against the AVX2 form and the AVX-512 form against the
+// AVX2 one bit for bit.
 //
 // Measured there (every float of each domain):
 //   log_open01: max 0.887 ulp (at u = 0.706188679), max absolute error 9.65e-7 (at u = 2.094e-8,
