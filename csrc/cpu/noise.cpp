@@ -258,24 +258,21 @@ BNN_AVX512 inline void box_muller_store_avx512(const __m512i r[4], float* out) {
     z[2 * pair] = _mm512_mul_ps(radius, cos_t);
     z[2 * pair + 1] = _mm512_mul_ps(radius, sin_t);
   }
-  // z[j] lane k is normal 4k + j. Within each 128-bit lane L the unpacks give e, f, g, h = the 4
-  // normals of blocks 4L, 4L+1, 4L+2, 4L+3; then a 4 x 4 transpose of 128-bit lanes.
-  const __m512 a = _mm512_unpacklo_ps(z[0], z[1]);
-  const __m512 b = _mm512_unpackhi_ps(z[0], z[1]);
-  const __m512 c = _mm512_unpacklo_ps(z[2], z[3]);
-  const __m512 d = _mm512_unpackhi_ps(z[2], z[3]);
-  const __m512 e = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(c)));
-  const __m512 f = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(c)));
-  const __m512 g = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(b), _mm512_castps_pd(d)));
-  const __m512 h = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(b), _mm512_castps_pd(d)));
-  const __m512 ef01 = _mm512_shuffle_f32x4(e, f, 0x44);  // e0 e1 f0 f1
-  const __m512 gh01 = _mm512_shuffle_f32x4(g, h, 0x44);  // g0 g1 h0 h1
-  const __m512 ef23 = _mm512_shuffle_f32x4(e, f, 0xEE);  // e2 e3 f2 f3
-  const __m512 gh23 = _mm512_shuffle_f32x4(g, h, 0xEE);  // g2 g3 h2 h3
-  _mm512_storeu_ps(out + 0, _mm512_shuffle_f32x4(ef01, gh01, 0x88));   // e0 f0 g0 h0
-  _mm512_storeu_ps(out + 16, _mm512_shuffle_f32x4(ef01, gh01, 0xDD));  // e1 f1 g1 h1
-  _mm512_storeu_ps(out + 32, _mm512_shuffle_f32x4(ef23, gh23, 0x88));  // e2 f2 g2 h2
-  _mm512_storeu_ps(out + 48, _mm512_shuffle_f32x4(ef23, gh23, 0xDD));  // e3 f3 g3 h3
+  // z[j] lane k is normal 4k + j: out[4k + j] = z[j][k]. Interleave z0 with z1 and z2 with z3
+  // (lanes 0-7, then 8-15), then the resulting (z0, z1) and (z2, z3) pairs as 64-bit elements:
+  // eight two-source permutes (vpermt2ps/pd), where unpacks and 128-bit shuffles took sixteen.
+  const __m512i pairs_lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i pairs_hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512i quads_lo = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
+  const __m512i quads_hi = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
+  const __m512d z01_lo = _mm512_castps_pd(_mm512_permutex2var_ps(z[0], pairs_lo, z[1]));
+  const __m512d z01_hi = _mm512_castps_pd(_mm512_permutex2var_ps(z[0], pairs_hi, z[1]));
+  const __m512d z23_lo = _mm512_castps_pd(_mm512_permutex2var_ps(z[2], pairs_lo, z[3]));
+  const __m512d z23_hi = _mm512_castps_pd(_mm512_permutex2var_ps(z[2], pairs_hi, z[3]));
+  _mm512_storeu_pd(out + 0, _mm512_permutex2var_pd(z01_lo, quads_lo, z23_lo));   // normals 0-15
+  _mm512_storeu_pd(out + 16, _mm512_permutex2var_pd(z01_lo, quads_hi, z23_lo));  // 16-31
+  _mm512_storeu_pd(out + 32, _mm512_permutex2var_pd(z01_hi, quads_lo, z23_hi));  // 32-47
+  _mm512_storeu_pd(out + 48, _mm512_permutex2var_pd(z01_hi, quads_hi, z23_hi));  // 48-63
 }
 
 // Normals 4*first_block .. 4*first_block + 64*G - 1; first_block % 16 == 0.
