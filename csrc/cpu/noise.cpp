@@ -197,11 +197,11 @@ BNN_AVX2 void fill_normal_avx2(float* out, int64_t n, uint64_t seed, uint64_t st
 }
 
 // ---- AVX-512F: 16 Philox blocks per vector -------------------------------------------------
-// The AVX2 path's arithmetic on 16 lanes: 64 normals per group, four groups interleaved (the 32
-// zmm registers hold their state; 4-5% faster than two in a scratch A/B). The 32x32->64 products are still
-// even/odd vpmuludq pairs; the uint32 -> float conversion is one vcvtudq2ps, which rounds to
-// nearest as u32_to_float's exact halves and single addition do. Same bits as the AVX2 and
-// scalar paths (tests/test_noise.py).
+// The AVX2 path's arithmetic on 16 lanes: 64 normals per group, four groups interleaved (the
+// 32 zmm registers hold their state; 4-5% faster than two in a scratch A/B). The 32x32->64
+// products are still even/odd vpmuludq pairs; the uint32 -> float conversion is one
+// vcvtudq2ps, which rounds to nearest as u32_to_float's exact halves and single addition do.
+// Same bits as the AVX2 and scalar paths (tests/test_noise.py).
 constexpr int64_t kGroup16 = 64;
 
 // GCC 12's avx512fintrin.h builds the unmasked forms of many intrinsics from
