@@ -65,16 +65,17 @@ BNN_AVX2 inline void mulhilo8(__m256i a, __m256i m, __m256i* hi, __m256i* lo) {
 }
 
 // uint32 -> float rounded to nearest, as static_cast<float>(uint32_t): both halves convert
-// exactly and the one addition rounds once.
+// exactly, hi * 2^16 is exact, so the one fused multiply-add rounds once.
 BNN_AVX2 inline __m256 u32_to_float(__m256i r) {
   const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(r, 16));
   const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(r, _mm256_set1_epi32(0xFFFF)));
-  return _mm256_add_ps(_mm256_mul_ps(hi, _mm256_set1_ps(65536.0f)), lo);
+  return _mm256_fmadd_ps(hi, _mm256_set1_ps(65536.0f), lo);
 }
 
+// fl32(r) * 2^-32 is exact, so the fused form rounds once, as philox.h's fma_rn does.
 BNN_AVX2 inline __m256 uniform_open01_8(__m256i r) {
-  return _mm256_add_ps(_mm256_mul_ps(u32_to_float(r), _mm256_set1_ps(kTwoPow32Inv)),
-                       _mm256_set1_ps(kTwoPow33Inv));
+  return _mm256_fmadd_ps(u32_to_float(r), _mm256_set1_ps(kTwoPow32Inv),
+                         _mm256_set1_ps(kTwoPow33Inv));
 }
 
 // The ten rounds' keys (k0, k1 of each), broadcast once per fill instead of once per group.
@@ -225,7 +226,7 @@ BNN_AVX512 inline void mulhilo16(__m512i a, __m512i m, __m512i* hi, __m512i* lo)
   *hi = _mm512_permutex2var_epi32(even, hi_words, odd);
 }
 
-// r * 2^-32 is exact, so the fused form rounds once, as the AVX2 multiply-then-add does.
+// fl32(r) * 2^-32 is exact, so the fused form rounds once, as the AVX2 form does.
 BNN_AVX512 inline __m512 uniform_open01_16(__m512i r) {
   return _mm512_fmadd_ps(_mm512_cvtepu32_ps(r), _mm512_set1_ps(kTwoPow32Inv),
                          _mm512_set1_ps(kTwoPow33Inv));
