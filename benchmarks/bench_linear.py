@@ -287,7 +287,7 @@ def crossover(runner):
                                              with_env("BNN_FAST_CPU_FUSED_MAX_ROWS", rows, step))])
     runner.add_table(
         "CPU forward (no_grad): sample-W-then-GEMM time / blocked time (> 1: blocked is faster; "
-        "the default switches at 16 rows without a backward, 8 in training)",
+        "the default switches at 16 rows without a backward, 12 in training)",
         ["layer"] + [f"b={b}" for b in CROSSOVER_BATCHES],
         [[f"{f}x{f}"] + [f"{runner.ratio(label, column(f, b), 'sample W, then GEMM', 'blocked (W never written)'):.2f}x"
                          for b in CROSSOVER_BATCHES] for f in CROSSOVER_SIZES],

@@ -367,12 +367,18 @@ def test_inference_bad_input_names_the_argument(kwargs, exc, match):
         torch.ops.bnn_fast.bayes_linear_inference(**linear_args(**kwargs))
 
 
+@pytest.mark.parametrize("simd", SIMD_LEVELS)
 @pytest.mark.parametrize("max_rows", ["0", "1000"])
-def test_inference_both_cpu_paths_equal_reference(monkeypatch, max_rows):
+@pytest.mark.parametrize("N,in_f", [(12, 300), (13, 300), (3, 37), (5, 1024)])
+def test_inference_both_cpu_paths_equal_reference(monkeypatch, simd, max_rows, N, in_f):
     # BNN_FAST_CPU_FUSED_MAX_ROWS forces the blocked path (1000) or the sample-then-GEMM path (0).
+    # The blocked path's dot products take four input rows at a time, then one (N = 13, 3, 5), and
+    # the part of in_features past the last whole vector pair under a mask (AVX-512) or in scalar
+    # code (AVX2): 300 = 9 * 32 + 12, 37 = 32 + 5.
+    monkeypatch.setenv("BNN_FAST_CPU_SIMD", simd)
     monkeypatch.setenv("BNN_FAST_CPU_FUSED_MAX_ROWS", max_rows)
-    mu, ls, bmu, bls = make_layer(19, 300, torch.float32, "cpu")
-    x = torch.randn(2, 12, 300)
+    mu, ls, bmu, bls = make_layer(19, in_f, torch.float32, "cpu")
+    x = torch.randn(2, N, in_f)
     got = torch.ops.bnn_fast.bayes_linear_inference(x, mu, ls, bmu, bls, 21, 2)
     torch.testing.assert_close(got, reference_with_kernel_noise(x, mu, ls, bmu, bls, 21, 2), **TOL[torch.float32])
 

@@ -85,11 +85,13 @@ def test_normal_float64_is_float32_noise_cast():
 
 
 @requires_ext
-@pytest.mark.parametrize("n,offset", [(100_003, 5), (64, 64), (63, 1), (130, 62), (1, 0)])
+@pytest.mark.parametrize("n,offset", [(100_003, 5), (64, 64), (63, 1), (130, 62), (1, 0),
+                                      (1_000, (1 << 34) - 500)])
 def test_normal_every_simd_level_gives_the_same_bits(monkeypatch, n, offset):
     # The scalar path runs box_muller.h's log and sincos, the AVX2 and AVX-512 paths their 8- and
     # 16-lane forms in cpu/fastmath.h: the same operations in the same order. Odd offsets and
-    # lengths: partial 32- and 64-normal groups at both ends. (Where the CPU has no AVX-512F, "1"
+    # lengths: partial 32- and 64-normal groups at both ends; the last case crosses block 2^32,
+    # where the counter's high word changes. (Where the CPU has no AVX-512F, "1"
     # is AVX2 and two of the three runs take the same path.)
     runs = {}
     for level in SIMD_LEVELS:

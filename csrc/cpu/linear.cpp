@@ -152,10 +152,14 @@ namespace {
 // the GEMM, and the forward samples W into a temporary instead.
 constexpr int64_t kBlockWeights = 4096;  // 16 KiB of float32 weights per block
 // Without a backward (W never written) the blocked path measured faster up to 16 rows in every
-// run of bench_linear's crossover table (1.12-1.79x at 16 rows, 0.73-1.39x at 32, over two
-// sessions); the training forward, which writes W as it goes, keeps 8 (at 12 and 16 rows its
-// forward+backward timed the same with either switch, within the machine's noise).
-constexpr int64_t kFusedMaxRows = 8;
+// run of bench_linear's crossover table on an AMD EPYC (AVX2; 1.12-1.79x at 16 rows, 0.73-1.39x
+// at 32, over two sessions). On an AVX-512 Xeon it was 12-17% slower at 16 rows in four runs
+// until dot_rows (four input rows per pass over a weight row): then 1.08-1.10x faster at 16
+// rows (two alternated runs of a scratch A/B). The training forward, which writes W as it goes,
+// switches at 12: there, with dot_rows, the training step at 1024x1024 was 6-7% faster blocked
+// at 8 and 12 rows, even at 16 and 3-5% slower at 24, at both SIMD levels (scratch runs on
+// the Xeon).
+constexpr int64_t kFusedMaxRows = 12;
 constexpr int64_t kFusedMaxRowsInference = 16;
 
 // kFusedMaxRows (kFusedMaxRowsInference when W is not kept), or BNN_FAST_CPU_FUSED_MAX_ROWS when
@@ -213,6 +217,74 @@ T dot(const T* a, const T* b, int64_t n, bool simd) {
   return dot_scalar(a, b, n);
 }
 
+#if BNN_HAVE_X86_SIMD
+// sums[r] = w . x[r * in ..] for the kRows input rows x[0..kRows), in one pass over w: each load of
+// w serves kRows products (the blocked forward's dot products were bound by loads, two per
+// multiply-add). Two accumulators per row; the AVX-512 form takes the tail under a mask.
+// (GCC 12's bug 105593 again, in _mm512_reduce_add_ps: see cpu/noise.cpp.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <int kRows>
+BNN_AVX512 void dot_rows_avx512(const float* w, const float* x, int64_t in, float* sums) {
+  __m512 acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= in; k += 32) {
+    const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
+    for (int r = 0; r < kRows; ++r) {
+      acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * in + k), acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * in + k + 16), acc[r][1]);
+    }
+  }
+  for (; k < in; k += 16) {
+    const __mmask16 m = in - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (in - k)) - 1);
+    const __m512 w0 = _mm512_maskz_loadu_ps(m, w + k);
+    for (int r = 0; r < kRows; ++r) {
+      acc[r][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x + r * in + k), acc[r][0]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+#pragma GCC diagnostic pop
+
+template <int kRows>
+BNN_AVX2 void dot_rows_avx2(const float* w, const float* x, int64_t in, float* sums) {
+  __m256 acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= in; k += 16) {
+    const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+    for (int r = 0; r < kRows; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * in + k), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * in + k + 8), acc[r][1]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    const __m256 a = _mm256_add_ps(acc[r][0], acc[r][1]);
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    float sum = _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+    for (int64_t j = k; j < in; ++j) sum += w[j] * x[r * in + j];
+    sums[r] = sum;
+  }
+}
+#endif
+
+// sums[r] = w . x[r * in ..] for r < rows: four input rows per pass over w, then one at a time.
+template <typename T>
+void dot_rows(const T* w, const T* x, int64_t rows, int64_t in, T* sums, SimdLevel simd) {
+  int64_t r = 0;
+#if BNN_HAVE_X86_SIMD
+  if constexpr (std::is_same_v<T, float>) {
+    for (; simd == kAvx512 && r + 4 <= rows; r += 4) dot_rows_avx512<4>(w, x + r * in, in, sums + r);
+    for (; simd == kAvx512 && r < rows; ++r) dot_rows_avx512<1>(w, x + r * in, in, sums + r);
+    for (; simd == kAvx2 && r + 4 <= rows; r += 4) dot_rows_avx2<4>(w, x + r * in, in, sums + r);
+  }
+#endif
+  for (; r < rows; ++r) sums[r] = dot(w, x + r * in, in, simd != kScalar);
+}
+
 // y[s, n, o] = W_s[o, :] . x[xs, n, :] + b[s, o], W_s sampled block by block (rows o0..o1 of
 // sample s per task); b: the sampled bias [S, out] or null. With w_out null the block lives in an
 // L1 buffer and W is never written (inference); otherwise it is written to w_out [S, out, in]
@@ -227,6 +299,7 @@ void linear_fused_small_batch(const T* x, const T* mu, const T* ls, const T* b, 
   const SimdLevel simd = simd_level();
   at::parallel_for(0, S * blocks_per_sample, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buffer(w_out == nullptr ? rows_per_block * in : 0);
+    std::vector<T> sums(N);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / blocks_per_sample;
       const int64_t o0 = (task % blocks_per_sample) * rows_per_block;
@@ -237,9 +310,9 @@ void linear_fused_small_batch(const T* x, const T* mu, const T* ls, const T* b, 
       sample_tiles(mu + j0, ls + j0, w, len, base, seed, 0, simd);
       const T* xs = x + (X == 1 ? 0 : s) * N * in;
       for (int64_t o = o0; o < o1; ++o) {
-        const T* wo = w + (o - o0) * in;
         const T bias = b != nullptr ? b[s * out + o] : T(0);
-        for (int64_t n = 0; n < N; ++n) y[(s * N + n) * out + o] = dot(wo, xs + n * in, in, simd) + bias;
+        dot_rows(w + (o - o0) * in, xs, N, in, sums.data(), simd);
+        for (int64_t n = 0; n < N; ++n) y[(s * N + n) * out + o] = sums[n] + bias;
       }
     }
   });
