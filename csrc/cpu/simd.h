@@ -32,8 +32,8 @@ enum SimdLevel : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // Reads the environment (about 40 ns): kernels call it once per call or parallel task and pass
 // the answer down, never per element, row or tile. BNN_FAST_CPU_SIMD=0 forces the scalar paths,
-// BNN_FAST_CPU_SIMD=avx2 caps them at AVX2; otherwise the best the CPU has (AVX-512 is used only
-// by the noise generator, cpu/noise.cpp).
+// BNN_FAST_CPU_SIMD=avx2 caps them at AVX2; otherwise the best the CPU has (the AVX-512 paths: the
+// noise, the weight sampling, the KL and the blocked forward's dot products; the rest stops at AVX2).
 inline SimdLevel simd_level() {
 #if BNN_HAVE_X86_SIMD
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
