@@ -47,8 +47,9 @@ CASES = [  # (S, x_samples, N, in, hidden, out, bias1, bias2)
     (2, 2, 6, 5, 41, 4, True, True),
     (3, 1, 5, 2, 29, 6, True, True),
     (2, 1, 4, 4, 24, 7, True, True),
-    # one input and one output: the CPU kernel's 6-row groups (17 rows: two and a part group)
-    # over 5 vectors of 8 hidden units and a tail of 5
+    # one input and one output: the CPU kernel's 6-row (AVX2) or 8-row (AVX-512) groups (17
+    # rows: two and a part group) over 5 vectors of 8 hidden units and a tail of 5 (AVX-512: 2
+    # vectors of 16 and a masked 13)
     (2, 1, 17, 1, 45, 1, True, False),
 ]
 

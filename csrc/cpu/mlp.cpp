@@ -121,11 +121,82 @@ BNN_AVX2 void mlp_group_avx2(const float* const* xr, float* const* yr,
   }
 }
 
+// The same kernel on 16 lanes where the CPU has AVX-512F: 16 hidden units per step, the last
+// partial step under a mask (masked-off lanes load zeros, so their hidden units are 0 and add
+// nothing), 8 rows per group for one or two outputs (32 registers; 8, 12 and 16 rows timed the
+// same within noise for the seed article's network). The sums run in another
+// order than the 8-lane kernel's, so the two differ by rounding (both are tested against the
+// reference at their own SIMD level).
+#pragma GCC diagnostic push  // GCC 12's bug 105593, in _mm512_reduce_add_ps: see cpu/noise.cpp
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <int R, int OUT, int IN>
+BNN_AVX512 void mlp_group_avx512(const float* const* xr, float* const* yr,
+                                 const SampleWeights<float>& w, int64_t in, int64_t hidden) {
+  const int64_t n_in = IN > 0 ? IN : in;
+  __m512 acc[R][OUT];
+  __m512 xb[R][kMaxIn];
+  for (int r = 0; r < R; ++r) {
+    for (int o = 0; o < OUT; ++o) acc[r][o] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n_in; ++i) xb[r][i] = _mm512_set1_ps(xr[r][i]);
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t j = 0; j < hidden; j += 16) {
+    const __mmask16 m = hidden - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (hidden - j)) - 1);
+    const __m512 bias = w.b1 != nullptr ? _mm512_maskz_loadu_ps(m, w.b1 + j) : zero;
+    __m512 h[R];
+    for (int r = 0; r < R; ++r) h[r] = bias;
+    for (int64_t i = 0; i < n_in; ++i) {
+      const __m512 wi = _mm512_maskz_loadu_ps(m, w.w1t + i * hidden + j);
+      for (int r = 0; r < R; ++r) h[r] = _mm512_fmadd_ps(xb[r][i], wi, h[r]);
+    }
+    for (int r = 0; r < R; ++r) h[r] = _mm512_max_ps(zero, h[r]);  // NaN passes, as above
+    for (int o = 0; o < OUT; ++o) {
+      const __m512 wo = _mm512_maskz_loadu_ps(m, w.w2 + o * hidden + j);
+      for (int r = 0; r < R; ++r) acc[r][o] = _mm512_fmadd_ps(h[r], wo, acc[r][o]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int o = 0; o < OUT; ++o) {
+      yr[r][o] = _mm512_reduce_add_ps(acc[r][o]) + (w.b2 != nullptr ? w.b2[o] : 0.0f);
+    }
+  }
+}
+#pragma GCC diagnostic pop
+
+// The group kernels of one vector width: group<R, OUT, IN> computes R rows, and rows<OUT, IN>
+// is how many rows share each weight load (R * OUT accumulators, R hidden vectors and R * IN
+// input broadcasts in the registers: 16 of them for AVX2, 32 for AVX-512).
+struct MlpAvx2 {
+  template <int R, int OUT, int IN>
+  static void group(const float* const* xr, float* const* yr, const SampleWeights<float>& w,
+                    int64_t in, int64_t hidden) {
+    mlp_group_avx2<R, OUT, IN>(xr, yr, w, in, hidden);
+  }
+  template <int OUT, int IN>
+  static constexpr int rows() {
+    return OUT == 1 ? (IN == 1 ? 6 : 4) : OUT == 2 ? 4 : OUT <= 4 ? 2 : 1;
+  }
+};
+
+struct MlpAvx512 {
+  template <int R, int OUT, int IN>
+  static void group(const float* const* xr, float* const* yr, const SampleWeights<float>& w,
+                    int64_t in, int64_t hidden) {
+    mlp_group_avx512<R, OUT, IN>(xr, yr, w, in, hidden);
+  }
+  template <int OUT, int IN>
+  static constexpr int rows() {
+    return OUT <= 2 ? 8 : OUT <= 4 ? 4 : 2;
+  }
+};
+
 // Rows in groups of R; a short last group repeats its last row (the copies' results are
 // discarded into a scratch row).
-template <int R, int OUT, int IN>
-BNN_AVX2 void mlp_rows_avx2_out(const float* x, float* y, int64_t rows,
-                                const SampleWeights<float>& w, int64_t in, int64_t hidden) {
+template <typename Kernel, int OUT, int IN>
+void mlp_rows_out(const float* x, float* y, int64_t rows, const SampleWeights<float>& w,
+                  int64_t in, int64_t hidden) {
+  constexpr int R = Kernel::template rows<OUT, IN>();
   float scratch[OUT];
   for (int64_t r0 = 0; r0 < rows; r0 += R) {
     const float* xr[R];
@@ -135,43 +206,44 @@ BNN_AVX2 void mlp_rows_avx2_out(const float* x, float* y, int64_t rows,
       xr[r] = x + row * in;
       yr[r] = r0 + r < rows ? y + (r0 + r) * OUT : scratch;
     }
-    mlp_group_avx2<R, OUT, IN>(xr, yr, w, in, hidden);
+    Kernel::template group<R, OUT, IN>(xr, yr, w, in, hidden);
   }
 }
 
-// R * OUT <= 8 accumulators, plus R hidden vectors and R * IN input broadcasts (with one input
-// and one output, 6 rows: 12 registers of the 16).
-template <int IN>
-void mlp_rows_avx2_in(const float* x, float* y, int64_t rows, const SampleWeights<float>& w,
-                      int64_t in, int64_t hidden, int64_t out) {
+template <typename Kernel, int IN>
+void mlp_rows_in(const float* x, float* y, int64_t rows, const SampleWeights<float>& w,
+                 int64_t in, int64_t hidden, int64_t out) {
   switch (out) {
-    case 1: return mlp_rows_avx2_out<IN == 1 ? 6 : 4, 1, IN>(x, y, rows, w, in, hidden);
-    case 2: return mlp_rows_avx2_out<4, 2, IN>(x, y, rows, w, in, hidden);
-    case 3: return mlp_rows_avx2_out<2, 3, IN>(x, y, rows, w, in, hidden);
-    case 4: return mlp_rows_avx2_out<2, 4, IN>(x, y, rows, w, in, hidden);
-    case 5: return mlp_rows_avx2_out<1, 5, IN>(x, y, rows, w, in, hidden);
-    case 6: return mlp_rows_avx2_out<1, 6, IN>(x, y, rows, w, in, hidden);
-    case 7: return mlp_rows_avx2_out<1, 7, IN>(x, y, rows, w, in, hidden);
-    default: return mlp_rows_avx2_out<1, 8, IN>(x, y, rows, w, in, hidden);
+    case 1: return mlp_rows_out<Kernel, 1, IN>(x, y, rows, w, in, hidden);
+    case 2: return mlp_rows_out<Kernel, 2, IN>(x, y, rows, w, in, hidden);
+    case 3: return mlp_rows_out<Kernel, 3, IN>(x, y, rows, w, in, hidden);
+    case 4: return mlp_rows_out<Kernel, 4, IN>(x, y, rows, w, in, hidden);
+    case 5: return mlp_rows_out<Kernel, 5, IN>(x, y, rows, w, in, hidden);
+    case 6: return mlp_rows_out<Kernel, 6, IN>(x, y, rows, w, in, hidden);
+    case 7: return mlp_rows_out<Kernel, 7, IN>(x, y, rows, w, in, hidden);
+    default: return mlp_rows_out<Kernel, 8, IN>(x, y, rows, w, in, hidden);
   }
 }
 
 // One input feature (a scalar regression input, the seed article's case) gets the compile-time
 // kernel: the article's 10,000-sample prediction took 225 ms instead of 301 (medians of 5
-// alternated runs of each build), and with 6 rows per group for one output, 185 instead of 216.
-void mlp_rows_avx2(const float* x, float* y, int64_t rows, const SampleWeights<float>& w,
+// alternated runs of each build), and with 6 rows per group for one output, 185 instead of 216
+// (AVX2, on the AMD machine).
+template <typename Kernel>
+void mlp_rows_simd(const float* x, float* y, int64_t rows, const SampleWeights<float>& w,
                    int64_t in, int64_t hidden, int64_t out) {
-  if (in == 1) return mlp_rows_avx2_in<1>(x, y, rows, w, in, hidden, out);
-  return mlp_rows_avx2_in<0>(x, y, rows, w, in, hidden, out);
+  if (in == 1) return mlp_rows_in<Kernel, 1>(x, y, rows, w, in, hidden, out);
+  return mlp_rows_in<Kernel, 0>(x, y, rows, w, in, hidden, out);
 }
 #endif
 
 template <typename T>
 void mlp_rows(const T* x, T* y, int64_t rows, const SampleWeights<T>& w, int64_t in,
-              int64_t hidden, int64_t out, bool simd) {
+              int64_t hidden, int64_t out, SimdLevel simd) {
 #if BNN_HAVE_X86_SIMD
   if constexpr (std::is_same_v<T, float>) {
-    if (simd) return mlp_rows_avx2(x, y, rows, w, in, hidden, out);
+    if (simd == kAvx512) return mlp_rows_simd<MlpAvx512>(x, y, rows, w, in, hidden, out);
+    if (simd == kAvx2) return mlp_rows_simd<MlpAvx2>(x, y, rows, w, in, hidden, out);
   }
 #endif
   mlp_rows_scalar(x, y, rows, w, in, hidden, out);
@@ -245,7 +317,7 @@ at::Tensor bayes_mlp_cpu(const at::Tensor& x_in, const at::Tensor& w1_mu, const 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_mlp_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const bool simd = use_avx2();
+    const SimdLevel simd = simd_level();
     // Tasks: blocks of up to kRows rows of one sample. Each row is computed by the same
     // instructions whatever the split, so the result does not depend on the thread count.
     constexpr int64_t kRows = 64;
