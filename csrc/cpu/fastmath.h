@@ -165,10 +165,7 @@ BNN_AVX2 inline __m256 exp8(__m256 x) {
 // checked exhaustively against them by benchmarks/fastmath_check.cpp where the CPU has AVX-512F,
 // and through the noise in tests/test_noise.py.
 
-// (GCC 12 reports its own _mm512_undefined_*() in avx512fintrin.h as uninitialized, bug 105593.)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+BNN_AVX512_WARNINGS_BEGIN
 
 BNN_AVX512 inline __m512 log16_open01(__m512 u) {
   const __m512i sqrt_half_bits = _mm512_set1_epi32(static_cast<int>(bm::kSqrtHalfBits));
@@ -247,7 +244,7 @@ BNN_AVX512 inline __m512 exp16(__m512 x) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
 }
 
-#pragma GCC diagnostic pop
+BNN_AVX512_WARNINGS_END
 
 }  // namespace fastmath
 }  // namespace cpu

@@ -94,9 +94,7 @@ BNN_AVX2 double kl_sum_avx2(const T* mu, const T* ls, int64_t n, const GaussianP
 // The same header formulas on twice the lanes. A float32 input's variance comes from
 // fastmath::exp16 (within 1.013 ulp of the float exp, as Sleef's is within 0.99) and, as in var8,
 // 16 elements with one |log_sigma| beyond 43 take the double exp.
-#pragma GCC diagnostic push  // GCC 12's avx512fintrin.h, bug 105593 (see cpu/noise.cpp)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+BNN_AVX512_WARNINGS_BEGIN
 BNN_AVX512 inline __m512d load8d(const float* p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
 BNN_AVX512 inline __m512d load8d(const double* p) { return _mm512_loadu_pd(p); }
 BNN_AVX512 inline void store8d(float* p, __m512d v) { _mm256_storeu_ps(p, _mm512_cvtpd_ps(v)); }
@@ -147,7 +145,7 @@ BNN_AVX512 double kl_sum_avx512(const T* mu, const T* ls, int64_t n, const Gauss
   return sum + kl_sum_scalar(mu + i, ls + i, n - i, p);
 }
 
-#pragma GCC diagnostic pop
+BNN_AVX512_WARNINGS_END
 #endif
 
 template <typename T>
@@ -237,9 +235,7 @@ BNN_AVX2 void kl_grad_avx2(const T* mu, const T* ls, T* gmu, T* gls, int64_t n, 
 #endif
 
 #if BNN_HAVE_X86_SIMD
-#pragma GCC diagnostic push  // GCC 12's avx512fintrin.h, bug 105593 (see cpu/noise.cpp)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+BNN_AVX512_WARNINGS_BEGIN
 template <typename T>
 BNN_AVX512 void kl_grad_avx512(const T* mu, const T* ls, T* gmu, T* gls, int64_t n, double g,
                                const GaussianPrior& p) {
@@ -258,7 +254,7 @@ BNN_AVX512 void kl_grad_avx512(const T* mu, const T* ls, T* gmu, T* gls, int64_t
   }
   kl_grad_scalar(mu + i, ls + i, gmu + i, gls + i, n - i, g, p);
 }
-#pragma GCC diagnostic pop
+BNN_AVX512_WARNINGS_END
 #endif
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> gaussian_kl_backward_cpu(

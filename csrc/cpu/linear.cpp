@@ -187,10 +187,7 @@ BNN_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), acc1);
   }
   for (; k + 8 <= n; k += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
-  const __m256 acc = _mm256_add_ps(acc0, acc1);
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  float sum = _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+  float sum = hsum8(_mm256_add_ps(acc0, acc1));
   for (; k < n; ++k) sum += a[k] * b[k];
   return sum;
 }
@@ -221,10 +218,7 @@ T dot(const T* a, const T* b, int64_t n, bool simd) {
 // sums[r] = w . x[r * in ..] for the kRows input rows x[0..kRows), in one pass over w: each load of
 // w serves kRows products (the blocked forward's dot products were bound by loads, two per
 // multiply-add). Two accumulators per row; the AVX-512 form takes the tail under a mask.
-// (GCC 12's bug 105593 again, in _mm512_reduce_add_ps: see cpu/noise.cpp.)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+BNN_AVX512_WARNINGS_BEGIN
 template <int kRows>
 BNN_AVX512 void dot_rows_avx512(const float* w, const float* x, int64_t in, float* sums) {
   __m512 acc[kRows][2];
@@ -238,7 +232,7 @@ BNN_AVX512 void dot_rows_avx512(const float* w, const float* x, int64_t in, floa
     }
   }
   for (; k < in; k += 16) {
-    const __mmask16 m = in - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (in - k)) - 1);
+    const __mmask16 m = first_lanes16(in - k);
     const __m512 w0 = _mm512_maskz_loadu_ps(m, w + k);
     for (int r = 0; r < kRows; ++r) {
       acc[r][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x + r * in + k), acc[r][0]);
@@ -246,7 +240,7 @@ BNN_AVX512 void dot_rows_avx512(const float* w, const float* x, int64_t in, floa
   }
   for (int r = 0; r < kRows; ++r) sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
-#pragma GCC diagnostic pop
+BNN_AVX512_WARNINGS_END
 
 template <int kRows>
 BNN_AVX2 void dot_rows_avx2(const float* w, const float* x, int64_t in, float* sums) {
@@ -261,10 +255,7 @@ BNN_AVX2 void dot_rows_avx2(const float* w, const float* x, int64_t in, float* s
     }
   }
   for (int r = 0; r < kRows; ++r) {
-    const __m256 a = _mm256_add_ps(acc[r][0], acc[r][1]);
-    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    float sum = _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+    float sum = hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
     for (int64_t j = k; j < in; ++j) sum += w[j] * x[r * in + j];
     sums[r] = sum;
   }

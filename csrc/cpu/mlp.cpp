@@ -70,12 +70,6 @@ void mlp_rows_scalar(const T* x, T* y, int64_t rows, const SampleWeights<T>& w, 
 }
 
 #if BNN_HAVE_X86_SIMD
-BNN_AVX2 inline float hsum8(__m256 v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
-}
-
 // R rows at a time (they share each weight load), OUT outputs per row, 8 hidden units per step;
 // R * OUT accumulators stay in registers. The hidden tail (hidden % 8 units) is summed in scalar
 // after the vector part. Each row's arithmetic is the same whichever rows share its group.
@@ -127,9 +121,7 @@ BNN_AVX2 void mlp_group_avx2(const float* const* xr, float* const* yr,
 // same within noise for the seed article's network). The sums run in another
 // order than the 8-lane kernel's, so the two differ by rounding (both are tested against the
 // reference at their own SIMD level).
-#pragma GCC diagnostic push  // GCC 12's bug 105593, in _mm512_reduce_add_ps: see cpu/noise.cpp
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+BNN_AVX512_WARNINGS_BEGIN
 template <int R, int OUT, int IN>
 BNN_AVX512 void mlp_group_avx512(const float* const* xr, float* const* yr,
                                  const SampleWeights<float>& w, int64_t in, int64_t hidden) {
@@ -142,7 +134,7 @@ BNN_AVX512 void mlp_group_avx512(const float* const* xr, float* const* yr,
   }
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t j = 0; j < hidden; j += 16) {
-    const __mmask16 m = hidden - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (hidden - j)) - 1);
+    const __mmask16 m = first_lanes16(hidden - j);
     const __m512 bias = w.b1 != nullptr ? _mm512_maskz_loadu_ps(m, w.b1 + j) : zero;
     __m512 h[R];
     for (int r = 0; r < R; ++r) h[r] = bias;
@@ -162,7 +154,7 @@ BNN_AVX512 void mlp_group_avx512(const float* const* xr, float* const* yr,
     }
   }
 }
-#pragma GCC diagnostic pop
+BNN_AVX512_WARNINGS_END
 
 // The group kernels of one vector width: group<R, OUT, IN> computes R rows, and rows<OUT, IN>
 // is how many rows share each weight load (R * OUT accumulators, R hidden vectors and R * IN

@@ -205,12 +205,7 @@ BNN_AVX2 void fill_normal_avx2(float* out, int64_t n, uint64_t seed, uint64_t st
 // Same bits as the AVX2 and scalar paths (tests/test_noise.py).
 constexpr int64_t kGroup16 = 64;
 
-// GCC 12's avx512fintrin.h builds the unmasked forms of many intrinsics from
-// _mm512_undefined_*(), which -W(maybe-)uninitialized then reports at every use (GCC bug 105593,
-// fixed in GCC 13). Nothing here reads an undefined value.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+BNN_AVX512_WARNINGS_BEGIN
 
 // The high and low words come out of the even and odd products through one two-source permute
 // each (vpermt2d), where the AVX2 form needs a shift and a blend: 12 instead of 16 operations
@@ -317,7 +312,7 @@ BNN_AVX512 void fill_normal_avx512(float* out, int64_t n, uint64_t seed, uint64_
     normal_groups_avx512<decltype(g)::value>(keys, stream, first_block, dst);
   });
 }
-#pragma GCC diagnostic pop
+BNN_AVX512_WARNINGS_END
 #endif
 
 void fill_normal_cpu(const at::Tensor& out, int64_t seed, int64_t stream, int64_t offset) {

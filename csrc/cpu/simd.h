@@ -15,6 +15,15 @@
 #define BNN_AVX2 __attribute__((target("avx2,fma")))
 #define BNN_AVX512 __attribute__((target("avx512f,avx2,fma")))
 
+// Around AVX-512 code: GCC 12's avx512fintrin.h builds the unmasked forms of many intrinsics from
+// _mm512_undefined_*(), which -W(maybe-)uninitialized then reports at every use (GCC bug 105593,
+// fixed in GCC 13). Nothing of ours reads an undefined value.
+#define BNN_AVX512_WARNINGS_BEGIN                                    \
+  _Pragma("GCC diagnostic push")                                     \
+  _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")              \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define BNN_AVX512_WARNINGS_END _Pragma("GCC diagnostic pop")
+
 extern "C" {
 __m256 Sleef_expf8_u10avx2(__m256);
 __m256d Sleef_expd4_u10avx2(__m256d);
@@ -49,6 +58,20 @@ inline SimdLevel simd_level() {
 }
 
 inline bool use_avx2() { return simd_level() != kScalar; }
+
+#if BNN_HAVE_X86_SIMD
+// The sum of v's 8 lanes, ((0+4) + (2+6)) + ((1+5) + (3+7)).
+BNN_AVX2 inline float hsum8(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+}
+
+// The first min(n, 16) lanes (n >= 1): the last, possibly partial, step of a 16-lane loop.
+inline __mmask16 first_lanes16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+#endif
 
 // Software prefetch for the read streams of loops that do much arithmetic per byte (the KL, the
 // weight sampling): there the hardware prefetcher fell behind on the development VM, and the KL
