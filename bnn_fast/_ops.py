@@ -67,6 +67,22 @@ def _load() -> tuple[bool, str]:
 _LOADED, _REASON = _load()
 
 
+def _install_cpu_allocator() -> bool:
+    """Routes PyTorch's CPU allocations of 128 KiB and up through bnn_fast's block cache
+    (csrc/cpu/memory.h), unless BNN_FAST_CPU_ALLOCATOR=0: with glibc's malloc, a loop that keeps
+    small outputs among large short-lived activations (the seed article's prediction loop) leaves
+    every freed activation as a hole that small allocations split, and the heap grows by about
+    the activation's size per pass, paying fresh page faults each time."""
+    if not _LOADED or os.environ.get("BNN_FAST_CPU_ALLOCATOR", "").strip() == "0":
+        return False
+    from . import _C
+
+    return bool(_C.install_cpu_allocator())
+
+
+_CPU_ALLOCATOR = _install_cpu_allocator()
+
+
 class _ThreadState(threading.local):
     # A class-level default: reading an attribute a thread never set is then a plain lookup,
     # not getattr's AttributeError path (about 1 us; this is read on every layer's forward).
@@ -164,26 +180,24 @@ def _to_i64(v: int) -> int:
     return v - _U64 if v >= 1 << 63 else v
 
 
-def _randint_seed() -> int:
+def new_seed() -> int:
+    """A fresh 64-bit seed (an int64) from PyTorch's default CPU generator: torch.manual_seed
+    makes it reproducible, and there is no GPU synchronization.
+
+    With the compiled extension this is ``bnn_fast._C.new_seed``, which reads 64 bits from the
+    generator without making a tensor (0.3 us against 3 us for ``torch.randint(...).item()``).
+    Being a C function, it is never traced by torch.compile: in a compiled function the draw is
+    a graph break and runs eagerly, so a compiled model draws the same weights as the same model
+    run eagerly under the same seed (traced, the draw would come from inductor's generator).
+    Without the extension (where the layers never call it) it is that ``torch.randint`` draw.
+    """
     return int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64).item())
 
 
-# The compiled extension's new_seed reads 64 bits from the same generator without making a tensor
-# (0.3 us against 3 us for torch.randint(...).item() on the development VM).
-_draw_seed = _randint_seed
 if _LOADED:
     from . import _C as _c_module
 
-    _draw_seed = getattr(_c_module, "new_seed", _randint_seed)
-
-
-@torch.compiler.disable
-def new_seed() -> int:
-    """A fresh 64-bit seed (an int64) from PyTorch's default CPU generator: torch.manual_seed
-    makes it reproducible, and there is no GPU synchronization. Always run eagerly: traced by
-    torch.compile, the draw would come from inductor's own generator and the compiled model would
-    draw other weights than the same model run eagerly under the same seed."""
-    return _draw_seed()
+    new_seed = _c_module.new_seed  # noqa: F811
 
 
 # ----------------------------------------------------------------------------------------------

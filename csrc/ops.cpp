@@ -37,6 +37,13 @@ PyObject* release_cpu_cache(PyObject* /*self*/, PyObject* /*args*/) {
   Py_RETURN_NONE;
 }
 
+// install_cpu_allocator() -> bool: makes the CPU cache PyTorch's CPU allocator for large
+// requests (cpu/memory.h); False when a higher-priority allocator is installed.
+PyObject* install_cpu_allocator(PyObject* /*self*/, PyObject* /*args*/) {
+  if (bnn_fast::cpu::install_allocator()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyMethodDef methods[] = {
     {"new_seed", new_seed, METH_NOARGS,
      "new_seed() -> int: 64 random bits from PyTorch's default CPU generator, as an int64."},
@@ -44,6 +51,8 @@ PyMethodDef methods[] = {
      "cpu_cache_info() -> (in_use, cached): bytes of the CPU output cache."},
     {"release_cpu_cache", release_cpu_cache, METH_NOARGS,
      "release_cpu_cache(): frees the CPU output cache's free blocks."},
+    {"install_cpu_allocator", install_cpu_allocator, METH_NOARGS,
+     "install_cpu_allocator() -> bool: routes PyTorch's large CPU allocations through the cache."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -30,10 +30,10 @@ def test_outputs_reuse_cached_blocks_and_stay_correct(monkeypatch):
     params, x = big_layer(), torch.randn(1, 64, 600)
     release_cpu_cache()
     y1, g1 = step(params, x, 5)
+    want = [t.clone() for t in (y1,) + g1]
     in_use_held = cpu_cache_info()[0]
     assert in_use_held >= 2 * 600 * 600 * 4  # grad_mu and grad_log_sigma at least
     ptrs = {t.data_ptr() for t in g1[:2]}
-    want = [t.clone() for t in (y1,) + g1]
     del y1, g1
     assert cpu_cache_info()[0] < in_use_held and cpu_cache_info()[1] > 0  # given back, kept
     y2, g2 = step(params, x, 5)
@@ -94,3 +94,89 @@ def test_profiler_sees_cached_blocks(monkeypatch):
     allocated = sum(e.nbytes() for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.nbytes() > 0)
     assert allocated >= 3 * 600 * 600 * 4  # W, grad_mu, grad_log_sigma
+
+
+# ---- the allocator: PyTorch's own large CPU tensors ------------------------------------------
+
+def test_pytorch_large_tensors_use_the_cache_and_small_ones_do_not(monkeypatch):
+    monkeypatch.delenv("BNN_FAST_CPU_CACHE_MB", raising=False)
+    assert _ops._CPU_ALLOCATOR  # installed at import
+    release_cpu_cache()
+    in_use = cpu_cache_info()[0]
+    small = torch.empty(1000)  # 4 KB: the allocator it replaced
+    assert cpu_cache_info()[0] == in_use
+    big = torch.ones(300, 1000)  # 1.2 MB: a block of whole 64 KiB
+    block = -(-1_200_000 // 65536) * 65536
+    assert cpu_cache_info()[0] == in_use + block
+    ptr = big.data_ptr()
+    del big
+    assert cpu_cache_info()[1] >= block
+    again = torch.full((300, 1000), 2.0)  # the same size: the same block, refilled
+    assert again.data_ptr() == ptr and bool((again == 2).all())
+    del small, again
+
+
+def test_allocator_serves_numpy_views_resizes_and_large_blocks(monkeypatch):
+    monkeypatch.delenv("BNN_FAST_CPU_CACHE_MB", raising=False)
+    t = torch.arange(3 * (1 << 20), dtype=torch.float32)  # 12 MiB: huge-page blocks
+    t.resize_(4 * (1 << 20))  # a storage resize goes through the allocator (copy_data)
+    assert t[3 * (1 << 20) - 1].item() == 3 * (1 << 20) - 1
+    assert t.numpy()[3 * (1 << 20) - 1] == 3 * (1 << 20) - 1
+    s = torch.randn(256, 1024)
+    torch.testing.assert_close(torch.from_numpy(s.numpy().copy()), s)
+
+
+def run_python(code, env=None, timeout=120):
+    import os
+    import subprocess
+    import sys
+    full_env = dict(os.environ, **(env or {}))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                         env=full_env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_allocator_can_be_turned_off():
+    out = run_python("import bnn_fast, torch; from bnn_fast import _ops, utils; t = torch.ones(1 << 20);"
+                     "print(_ops._CPU_ALLOCATOR, utils.cpu_cache_info()[0])",
+                     env={"BNN_FAST_CPU_ALLOCATOR": "0"})
+    assert out.split() == ["False", "0"]
+
+
+def test_a_forked_child_allocates_from_the_cache():
+    # DataLoader workers fork: the child must find the cache's lock free and its blocks usable.
+    out = run_python(
+        "import os, threading, torch, bnn_fast\n"
+        "stop = False\n"
+        "def churn():\n"
+        "    while not stop: torch.empty(1 << 20).fill_(1)\n"
+        "th = threading.Thread(target=churn); th.start()\n"
+        "for _ in range(20):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        ok = float(torch.ones(1 << 20).sum()) == (1 << 20)\n"
+        "        os._exit(0 if ok else 1)\n"
+        "    assert os.waitpid(pid, 0)[1] == 0\n"
+        "stop = True; th.join(); print('ok')\n", timeout=60)
+    assert out.strip() == "ok"
+
+
+def test_article_prediction_loop_keeps_only_its_outputs():
+    # The seed article's prediction loop as written: grad enabled, every output kept through
+    # .data.numpy(). With glibc's heap serving the 1.2 MB hidden activations, each kept 1.2 KB
+    # output split the hole its pass's activation left, and the process grew by about 0.6 MB
+    # per pass. Now the growth per kept output must stay within a few times its own size.
+    out = run_python(
+        "import numpy as np, torch, torch.nn as nn, bnn_fast as bnn\n"
+        "torch.manual_seed(0)\n"
+        "model = nn.Sequential(bnn.BayesLinear(0, 0.1, 1, 1000), nn.ReLU(), bnn.BayesLinear(0, 0.1, 1000, 1))\n"
+        "x_test = torch.linspace(-2, 2, 300).unsqueeze(1)\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "warm = [model(x_test).data.numpy() for k in range(50)]\n"
+        "before = rss()\n"
+        "kept = [model(x_test).data.numpy() for k in range(2000)]\n"
+        "print((rss() - before) / len(kept), kept[0].nbytes)\n")
+    per_output, nbytes = (float(v) for v in out.split())
+    assert nbytes == 1200
+    assert per_output < 5 * nbytes, f"{per_output:.0f} bytes of resident memory per kept output"
