@@ -130,7 +130,9 @@ def git_commit() -> tuple[str, bool | None]:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=10)
         if head.returncode == 0:
-            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+            # The results folder is left out: run_all rewrites it while it runs.
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                     ":!benchmarks/results"], cwd=root,
                                     capture_output=True, text=True, timeout=30)
             return head.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
