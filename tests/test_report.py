@@ -1,12 +1,13 @@
 """benchmarks.report: the README's performance table and REPORT.md are what the committed
 results give, and a result that does not say where it was measured is rejected."""
+import argparse
 import copy
 import json
 import shutil
 
 import pytest
 
-from benchmarks import report
+from benchmarks import harness, report
 
 CPU_RESULT = report.RESULTS_DIR / "kl_cpu.json"
 
@@ -28,6 +29,13 @@ def test_every_committed_result_names_its_machine_commit_and_date():
     for result in report.load_results():
         machine = result["machine"]
         assert machine["commit"] and machine["date"] and machine["cpu"], result["path"]
+
+
+def test_the_harness_records_every_key_the_report_requires(monkeypatch):
+    monkeypatch.setenv("BNN_FAST_CPU_SIMD", "0")
+    info = harness.machine_info(argparse.Namespace(device="cpu"))
+    assert set(report.REQUIRED_METADATA) <= set(info)
+    assert info["device"] == "cpu" and info["cpu_simd"] == "scalar" and info["commit"]
 
 
 @pytest.mark.parametrize("key", report.REQUIRED_METADATA)
