@@ -46,3 +46,13 @@ def test_every_python_block_of_the_readme_runs(tmp_path, monkeypatch):
             exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
         except Exception as e:  # name the block, not just the line inside it
             pytest.fail(f"README.md python block {i + 1} raised {type(e).__name__}: {e}\n{block}")
+
+
+def test_no_document_speaks_of_sessions():
+    """Documents state facts, the command that measures them and where; not who ran what when."""
+    word = "sess" + "ion"
+    skip = {".venv", ".venv-cpu", "build", "build-cpu", ".git", "node_modules"}
+    docs = [p for p in ROOT.rglob("*.md") if not skip & set(p.relative_to(ROOT).parts)]
+    assert README in docs
+    offenders = [str(p.relative_to(ROOT)) for p in docs if word in p.read_text().lower()]
+    assert not offenders, f"{word!r} in {offenders}"
