@@ -48,7 +48,7 @@ def test_every_python_block_of_the_readme_runs(tmp_path, monkeypatch):
             pytest.fail(f"README.md python block {i + 1} raised {type(e).__name__}: {e}\n{block}")
 
 
-def test_no_document_speaks_of_sessions():
+def test_no_document_uses_the_banned_word():
     """Documents state facts, the command that measures them and where; not who ran what when."""
     word = "sess" + "ion"
     skip = {".venv", ".venv-cpu", "build", "build-cpu", ".git", "node_modules"}
