@@ -7,7 +7,7 @@ TORCH ?= 2.14.1
 PY := $(VENV)/bin/python
 MAX_JOBS ?= 2
 
-.PHONY: venv build demo test bench cpu-smoke clean
+.PHONY: venv build demo test bench report cpu-smoke clean
 
 venv: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ test: build
 
 bench: build
 	$(PY) -m benchmarks.run_all --device cpu
+
+# benchmarks/results/REPORT.md and README.md's performance table, from benchmarks/results/*.json.
+report: venv
+	$(PY) -m benchmarks.report
 
 # Builds and installs the package against the CPU-only torch 2.13.0 in a second environment
 # (C++ part only) and runs the smoke test from outside the source tree.

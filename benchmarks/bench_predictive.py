@@ -4,7 +4,7 @@ The network is the article's 1-1000-1 MLP (BayesLinear(0, 0.1, 1, 1000) - ReLU -
 BayesLinear(0, 0.1, 1000, 1)), built with torchbnn and copied into bnn_fast through state_dict.
 
   a. Prediction on 300 points of linspace(-2, 2) from 10,000 weight samples:
-     bnn_fast.predictive.predictive (default chunking, then chunk_size 2, 10 and 50, and with
+     bnn_fast.predictive (default chunking, then chunk_size 2, 10 and 50, and with
      bnn_fast.fusion off: the layers run one by one, as before the fused operator existed)
      against the article's loop with torchbnn, one forward pass per sample followed by the mean and the
      (population) std over samples; also that loop under torch.no_grad, which the article does

@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,11 +100,53 @@ def cpu_seconds() -> tuple[float, float]:
     return busy, own.user + own.system
 
 
+def cpu_simd_level() -> str:
+    """The widest vector path bnn_fast's CPU kernels take here: 'avx512', 'avx2' or 'scalar'.
+    The rule of csrc/cpu/simd.h (simd_level): AVX-512F, else AVX2 with FMA, else scalar, capped
+    by BNN_FAST_CPU_SIMD ('0': scalar, 'avx2': at most AVX2)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    cap = os.environ.get("BNN_FAST_CPU_SIMD")
+    if not {"avx2", "fma"} <= flags or cap == "0":
+        return "scalar"
+    if "avx512f" not in flags or cap == "avx2":
+        return "avx2"
+    return "avx512"
+
+
+def git_commit() -> tuple[str, bool | None]:
+    """(short hash of HEAD, whether tracked files differ from it) for the tree the benchmarks run
+    from; ('unknown', None) outside a git tree, unless BNN_FAST_COMMIT names the commit (a copy
+    of the tree without .git, as on a lent GPU machine)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode == 0:
+            # The results folder is left out: run_all rewrites it while it runs.
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                     ":!benchmarks/results"], cwd=root,
+                                    capture_output=True, text=True, timeout=30)
+            return head.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("BNN_FAST_COMMIT", "unknown"), None
+
+
 def machine_info(args: argparse.Namespace) -> dict:
+    """Where and what was measured; benchmarks/report.py requires report.REQUIRED_METADATA."""
+    commit, dirty = git_commit()
     info = {
         "cpu": cpu_model(),
-        # torch's reading of the CPU's vector ISA; bnn_fast's noise and sampling use AVX-512F
-        # where it is present (cpu/simd.h), unless BNN_FAST_CPU_SIMD caps them.
+        # bnn_fast's own vector path (cpu/simd.h), and torch's reading of the CPU's vector ISA.
+        "cpu_simd": cpu_simd_level(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "BNN_FAST_CPU_SIMD": os.environ.get("BNN_FAST_CPU_SIMD", "(unset)"),
         "logical_cpus": os.cpu_count(),
@@ -111,11 +154,14 @@ def machine_info(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "bnn_fast_backend": str(bnn_fast.backend()),
+        "commit": commit,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": args.device,
     }
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+    if dirty is not None:
+        info["uncommitted_changes"] = dirty
     return info
 
 

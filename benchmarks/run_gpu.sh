@@ -19,7 +19,8 @@
 # e.g. "-k cuda"), TEST_WORKERS (8), TEST_TIMEOUT (300 s), BENCH_TIMEOUT (per suite, 240 s),
 # MIN_RUN_TIME (0.2 s of timed runs per case: a GPU's timings are steady), ROUNDS (2 interleaved
 # rounds), BENCH_ARGS (extra suite arguments, e.g. "--train-steps 200"), SANITIZE_TIMEOUT (150 s),
-# SUITES ("bench_linear bench_predictive bench_kl bench_estimators").
+# SUITES ("bench_linear bench_predictive bench_kl bench_estimators"), BNN_FAST_COMMIT (the commit the
+# results record where the copy of the tree has no .git).
 #
 # The anchors (torchbnn, bayesian-torch, blitz) are pure Python: where pip cannot reach PyPI,
 # carry their wheels in .whl/ (pip download --no-deps -d .whl torchbnn==1.2 bayesian-torch==0.5.0

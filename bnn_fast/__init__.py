@@ -2,7 +2,8 @@
 
 A drop-in replacement for torchbnn 1.2 (``import bnn_fast as bnn``) whose C++ and CUDA kernels
 fuse weight sampling, the matmul and the closed-form KL, and which draws many posterior samples
-in one batched call. ``bnn_fast.backend()`` tells which implementation is active.
+in one batched call (``bnn.predictive(model, x)``). ``bnn_fast.backend()`` tells which
+implementation is active.
 """
 from . import _ops, reference
 from ._ops import BackendInfo, backend, normal, reference_path
@@ -13,5 +14,11 @@ from .utils import freeze, unfreeze, transform_model
 from . import estimators
 from .estimators import estimator
 from .fusion import FusedSequential, fuse
+from . import sampling
+from .sampling import sample_many
+# The functions, not their module: bnn.predictive(model, x). The module stays importable by its
+# path (from bnn_fast.predictive import PredictiveResult), which the import system resolves
+# through sys.modules, not through this attribute.
+from .predictive import ClassificationResult, PredictiveResult, predictive, predictive_classification
 
 __version__ = "0.1.0"

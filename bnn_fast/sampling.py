@@ -34,7 +34,7 @@ Scope
 -----
 ``state.batch`` is set by the first folded layer and kept for the rest of the ``with`` block, so
 one block serves one input batch size: run several forward passes on inputs of the same ``N``
-inside it, or open a new block per batch (:func:`bnn_fast.predictive.predictive` opens one per
+inside it, or open a new block per batch (:func:`bnn_fast.predictive` opens one per
 chunk of samples). The state is thread-local, so a model run on another thread (e.g. by
 ``nn.DataParallel``) does not see it. Blocks nest: the innermost one is in force, and leaving it
 restores the enclosing one.

@@ -149,7 +149,7 @@ def retain_cpu_memory() -> bool:
     freed ones back to the system, so a loop that allocates and frees the same large activations
     pays a page fault per 4 KiB page on every pass. On the development machine (2 vCPUs) this
     made the seed article's 10,000-sample prediction 1.5-4x slower and erratic, for torchbnn's
-    loop as for :func:`bnn_fast.predictive.predictive` (``benchmarks/bench_predictive.py``).
+    loop as for :func:`bnn_fast.predictive` (``benchmarks/bench_predictive.py``).
     This sets ``M_MMAP_THRESHOLD`` to 32 MiB (blocks below it come from the heap) and
     ``M_TRIM_THRESHOLD`` to 2 GiB (the heap is not trimmed), the effect of preloading jemalloc or
     tcmalloc, as PyTorch's CPU performance guide recommends. It is process-wide and lasts until

@@ -1,7 +1,7 @@
 """Bayesian regression of a noisy quintic, the torchbnn demo, with 10,000 posterior samples.
 
 Trains a 1-1000-1 Bayesian MLP on y = x^5 - 10x + 2U (U ~ Uniform(0, 1)) with MSE + 0.01 * KL,
-then draws 10,000 weight samples on 300 test points in one :func:`bnn_fast.predictive.predictive`
+then draws 10,000 weight samples on 300 test points in one :func:`bnn_fast.predictive`
 call and saves a figure of the predicted mean, the mean +- 3 std band, the test points and the
 true mean x^5 - 10x + 1::
 

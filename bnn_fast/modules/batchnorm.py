@@ -62,7 +62,7 @@ class BayesBatchNorm2d(Module):
     otherwise) and normalizes with the running statistics, or, with
     ``track_running_stats=False``, with each sample's own batch statistics. Training mode with
     running statistics is not supported there (S samples would update them at once): call
-    ``model.eval()`` before :func:`bnn_fast.predictive.predictive`.
+    ``model.eval()`` before :func:`bnn_fast.predictive`.
     """
 
     # Follows the sampling.sample_many protocol.
@@ -182,7 +182,7 @@ class BayesBatchNorm2d(Module):
             raise NotImplementedError(
                 f"{name}: training mode is not supported under sample_many (the S samples would "
                 "update the running statistics at once); call model.eval() first, e.g. before "
-                "bnn_fast.predictive.predictive"
+                "bnn_fast.predictive"
             )
         x, n_samples = sampling.fold_input(input, name)  # [1 or S, N, C, H, W]
         shape = (-1, 1, x.shape[2], 1, 1)  # per sample and channel

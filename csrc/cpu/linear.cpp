@@ -153,7 +153,7 @@ namespace {
 constexpr int64_t kBlockWeights = 4096;  // 16 KiB of float32 weights per block
 // Without a backward (W never written) the blocked path measured faster up to 16 rows in every
 // run of bench_linear's crossover table on an AMD EPYC (AVX2; 1.12-1.79x at 16 rows, 0.73-1.39x
-// at 32, over two sessions). On an AVX-512 Xeon it was 12-17% slower at 16 rows in four runs
+// at 32, in two sets of runs). On an AVX-512 Xeon it was 12-17% slower at 16 rows in four runs
 // until dot_rows (four input rows per pass over a weight row): then 1.08-1.10x faster at 16
 // rows (two alternated runs of a scratch A/B). The training forward, which writes W as it goes,
 // switches at 12: there, with dot_rows, the training step at 1024x1024 was 6-7% faster blocked
