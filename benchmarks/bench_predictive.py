@@ -19,6 +19,12 @@ BayesLinear(0, 0.1, 1000, 1)), built with torchbnn and copied into bnn_fast thro
      backward). Also the same loop on the deterministic network (nn.Linear layers, MSE only):
      the floor that the layer-level speed of any drop-in Bayesian layer cannot beat, since
      ReLU, MSE and Adam (on half the parameters) are the same PyTorch operators.
+     Two more anchors are the batched ways a user could write the same prediction without
+     bnn_fast, under torch.no_grad, each at its best chunk size (samples per batched call) from
+     a small sweep (ANCHOR_CHUNKS, timed at ANCHOR_SWEEP_SAMPLES samples): `torch.func.vmap`
+     over `torch.func.functional_call` of the deterministic network with sampled parameter sets
+     (the pattern of the `posteriors` library), and batched matmuls over sampled [S, out, in]
+     weights (`torch.baddbmm`, as lightning-uq-box's batched Bayesian linear layers do).
   c. Scaling: bnn_fast predictive's time and peak memory at 10^3, 10^4 and 10^5 samples, plotted
      to results/predictive_<device>.png; past one chunk, memory should stay flat.
 
@@ -97,6 +103,80 @@ def article_loop(model, x, n_samples):
 def article_loop_no_grad(model, x, n_samples):
     with torch.no_grad():
         return article_loop(model, x, n_samples)
+
+
+def _posterior(model):
+    """[(mu, sigma)] of the 1-1000-1 network's weight 1, bias 1, weight 2, bias 2."""
+    layers = (model[0], model[2])
+    return [(p_mu.detach(), p_ls.detach().exp()) for layer in layers
+            for p_mu, p_ls in ((layer.weight_mu, layer.weight_log_sigma), (layer.bias_mu, layer.bias_log_sigma))]
+
+
+def _sample(posterior, c):
+    """c samples of each parameter, [c, *shape]."""
+    return [mu + sigma * torch.randn((c,) + tuple(mu.shape), device=mu.device) for mu, sigma in posterior]
+
+
+def _moments(draw, n_samples, chunk):
+    """Mean and population std over n_samples outputs, drawn `chunk` at a time by draw(c) ->
+    [c, points, 1], from running sums (a user's streaming reduction)."""
+    total = total_sq = 0
+    with torch.no_grad():
+        for start in range(0, n_samples, chunk):
+            y = draw(min(chunk, n_samples - start))
+            total = total + y.sum(0)
+            total_sq = total_sq + y.square().sum(0)
+    mean = total / n_samples
+    return mean, (total_sq / n_samples - mean.square()).clamp_min(0).sqrt()
+
+
+def vmap_anchor(model, x, n_samples, chunk):
+    """torch.func.vmap over functional_call of the deterministic network, one sampled parameter
+    set per vmapped call (the posteriors library's pattern)."""
+    det = nn.Sequential(nn.Linear(1, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1)).to(x.device)
+    names = ["0.weight", "0.bias", "2.weight", "2.bias"]
+    posterior = _posterior(model)
+
+    def one(params):
+        return torch.func.functional_call(det, params, (x,))
+
+    batched = torch.func.vmap(one)
+    return _moments(lambda c: batched(dict(zip(names, _sample(posterior, c)))), n_samples, chunk)
+
+
+def bmm_anchor(model, x, n_samples, chunk):
+    """Batched matmuls over sampled [c, out, in] weights (lightning-uq-box's batched linear)."""
+    posterior = _posterior(model)
+
+    def draw(c):
+        w1, b1, w2, b2 = _sample(posterior, c)
+        h = torch.relu(torch.baddbmm(b1.unsqueeze(1), x.expand(c, -1, -1), w1.transpose(1, 2)))
+        return torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))
+
+    return _moments(draw, n_samples, chunk)
+
+
+ANCHORS = {"vmap(functional_call)": vmap_anchor, "batched matmuls": bmm_anchor}
+ANCHOR_CHUNKS = (10, 50, 200, 1000)
+ANCHOR_SWEEP_SAMPLES = 2000
+
+
+def best_chunk(fn, model, x, runner):
+    """The chunk size of ANCHOR_CHUNKS at which fn runs ANCHOR_SWEEP_SAMPLES samples fastest
+    (one warm call, then the best of three), and the sweep's times."""
+    import time
+    times = {}
+    for c in ANCHOR_CHUNKS:
+        fn(model, x, ANCHOR_SWEEP_SAMPLES, c)
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            fn(model, x, ANCHOR_SWEEP_SAMPLES, c)
+            if runner.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        times[c] = best
+    return min(times, key=times.get), times
 
 
 def train(lib, initial, x, y, steps):
@@ -239,6 +319,14 @@ def main(argv=None):
                               recording(results, "torchbnn", lambda: article_loop(tb_model, x_test, article_samples))))
     cases.append(harness.Case(predict_label, "torchbnn no_grad", column(article_samples),
                               lambda: article_loop_no_grad(tb_model, x_test, article_samples)))
+    sweep_rows = []
+    for name, fn in ANCHORS.items():
+        chunk, times = best_chunk(fn, tb_model, x_test, runner)
+        sweep_rows.append([name] + [harness.format_time(times[c]) for c in ANCHOR_CHUNKS] + [chunk])
+        cases.append(harness.Case(predict_label, name, column(article_samples),
+                                  lambda fn=fn, chunk=chunk: fn(tb_model, x_test, article_samples, chunk)))
+    runner.add_table(f"Batched anchors: time for {ANCHOR_SWEEP_SAMPLES:,} samples by chunk size (best of 3)",
+                     ["anchor"] + [f"chunk {c}" for c in ANCHOR_CHUNKS] + ["chosen"], sweep_rows)
     # Peak memory first, before retain_cpu_memory(): on the CPU it is measured under the
     # profiler, which keeps every event, and with malloc's trimming off its memory was not
     # reused (24 GB and an out-of-memory kill at 10^4 samples). Memory at each sample count is

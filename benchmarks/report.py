@@ -248,6 +248,10 @@ LINEAR_HEADLINES = [
 HEADLINES = [
     Headline("Prediction: the regression demo's 1-1000-1 network, 10,000 samples, 300 points",
              "torchbnn, a loop of forward passes", "predictive", speedup(PRED, "S=10,000", "torchbnn")),
+    Headline("Prediction: the same, 10,000 samples", "torch.func.vmap over functional_call, best chunk",
+             "predictive", speedup(PRED, "S=10,000", "vmap(functional_call)")),
+    Headline("Prediction: the same, 10,000 samples", "batched matmuls over [S, out, in] weights, best chunk",
+             "predictive", speedup(PRED, "S=10,000", "batched matmuls")),
     Headline("Training: the regression demo, drop-in", "torchbnn", "predictive",
              speedup(TRAIN, r"\d+ steps", "torchbnn", show_column=True)),
     Headline("Training: the regression demo, `bnn.fuse(model)`", "torchbnn", "predictive",
