@@ -532,7 +532,11 @@ template <typename T>
 void accumulate_weight_grads_small_batch(const T* dy, const T* x, const T* w, const T* mu, T* gmu,
                                          T* gls, T* gx, int64_t N, int64_t in, int64_t out,
                                          bool first, bool first_gx) {
-  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), out));
+  // At most one range per at::internal::GRAIN_SIZE multiply-adds: a parallel region on less
+  // work costs more than it saves, and far more on a busy machine, where its barrier waits for a
+  // thread that is not running.
+  const int64_t ranges = std::max<int64_t>(
+      1, std::min({int64_t(at::get_num_threads()), out, N * in * out / at::internal::GRAIN_SIZE}));
   std::vector<T> partial(gx != nullptr ? ranges * N * in : 0, T(0));
   [[maybe_unused]] const bool simd = use_avx2();
   at::parallel_for(0, ranges, 1, [&](int64_t rb, int64_t re) {
