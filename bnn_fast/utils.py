@@ -107,15 +107,16 @@ def _transform(module, from_inst, to_inst, args, attrs, done):
 
 
 def cpu_cache_info() -> tuple[int, int]:
-    r"""Bytes of bnn_fast's cache of large CPU output buffers: ``(in_use, cached)``.
+    r"""Bytes of bnn_fast's cache of large CPU buffers: ``(in_use, cached)``.
 
-    The CPU kernels' large outputs (a sampled weight, weight-sized gradients; 1 MiB and up) take
-    their memory from a cache of blocks that earlier outputs gave back when freed, so a training
-    loop does not pay page faults to map fresh memory on every step (a 4096x4096 layer's step
-    spent about 40% of its time on them on the development machine). ``in_use`` counts the blocks
-    held by live tensors, ``cached`` the free blocks kept for reuse, at most
-    ``BNN_FAST_CPU_CACHE_MB`` (default 512; 0 turns the cache off). Both are 0 when the compiled
-    extension is not loaded.
+    CPU buffers of 128 KiB and up take their memory from a cache of mmap'd blocks that earlier
+    buffers gave back when freed, so a loop does not pay page faults to map fresh memory on every
+    pass, and kept small tensors cannot fragment malloc's heap around large ones (see
+    docs/design.md, "CPU memory"). The kernels' outputs always use it; PyTorch's own tensors do
+    too, through the CPU allocator bnn_fast installs at import (unless
+    ``BNN_FAST_CPU_ALLOCATOR=0``). ``in_use`` counts the blocks held by live tensors, ``cached``
+    the free blocks kept for reuse, at most ``BNN_FAST_CPU_CACHE_MB`` (default 512; 0 turns the
+    cache off). Both are 0 when the compiled extension is not loaded.
     """
     from . import _ops
 
