@@ -114,20 +114,27 @@ def backend() -> BackendInfo:
 
 def kernel_dtype(input: Tensor, weight: Tensor) -> Optional[torch.dtype]:
     """The dtype a fused Bayesian-linear kernel runs in for `input` and `weight`, or None when
-    the pure-PyTorch path must run (kernels not in use, another device, a dtype they lack).
+    the pure-PyTorch path must run (kernels not in use, a device without compiled kernels, a dtype
+    they lack).
 
     Under CUDA autocast the kernel runs in the autocast dtype (float16/bfloat16, float32
-    accumulation); on the CPU it supports float32 and float64, in the parameters' dtype.
-    (Called on every forward of every layer: few and cheap steps, the common case first.)
+    accumulation), except for float64, which autocast never casts (as for nn.Linear); on the CPU
+    it supports float32 and float64, in the parameters' dtype. A device counts only where the
+    operator has a kernel for it: a C++-only build on a CUDA machine (nvcc missing, or
+    BNN_FAST_NO_CUDA=1) sends CUDA tensors to the pure-PyTorch path, not to the dispatcher's
+    NotImplementedError. (Called on every forward of every layer: few and cheap steps, the common
+    case first.)
     """
     if not _LOADED or _local.reference:
         return None
     if input.is_cuda:
-        if torch.is_autocast_enabled("cuda"):
+        if not _KERNELS[("bayes_linear", "cuda")]:
+            return None
+        if torch.is_autocast_enabled("cuda") and input.dtype != torch.float64 and weight.dtype != torch.float64:
             return torch.get_autocast_dtype("cuda")
         dtypes = _CUDA_DTYPES
     elif input.is_cpu:
-        if torch.is_autocast_enabled("cpu"):
+        if not _KERNELS[("bayes_linear", "cpu")] or torch.is_autocast_enabled("cpu"):
             return None  # CPU autocast means bfloat16/float16 matmuls: leave them to PyTorch
         dtypes = _CPU_DTYPES
     else:
@@ -206,7 +213,7 @@ def gaussian_kl(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], prior_mu: f
     Returns:
         a 0-dim tensor of the tensors' dtype and device (float32 CPU zero for empty lists).
     """
-    if not validate and mus and use_kernels() and mus[0].device.type in ("cpu", "cuda"):
+    if not validate and mus and use_kernels() and has_kernel("gaussian_kl", mus[0].device.type):
         return torch.ops.bnn_fast.gaussian_kl(mus, log_sigmas, float(prior_mu), float(prior_log_sigma))
     mus, log_sigmas = list(mus), list(log_sigmas)
     if len(mus) != len(log_sigmas):
@@ -226,7 +233,7 @@ def gaussian_kl(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], prior_mu: f
             raise ValueError(f"gaussian_kl: log_sigmas[{i}] must have the shape of mus[{i}] {tuple(m.shape)}, got {tuple(s.shape)}")
     if ref.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"gaussian_kl: mus[0] must be float32 or float64, got {ref.dtype}")
-    if use_kernels() and ref.device.type in ("cpu", "cuda"):
+    if use_kernels() and has_kernel("gaussian_kl", ref.device.type):
         return torch.ops.bnn_fast.gaussian_kl(mus, log_sigmas, float(prior_mu), float(prior_log_sigma))
     return reference.gaussian_kl(mus, log_sigmas, prior_mu, prior_log_sigma)
 
@@ -260,7 +267,7 @@ def normal(
     if not dtype.is_floating_point:
         raise TypeError(f"normal: dtype must be a floating-point dtype, got {dtype}")
     device = torch.device(device)
-    if use_kernels() and device.type in ("cpu", "cuda"):
+    if use_kernels() and has_kernel("fill_normal_", device.type):
         out = torch.empty(shape, dtype=dtype, device=device)
         torch.ops.bnn_fast.fill_normal_(out, _to_i64(seed), _to_i64(stream), int(offset))
         return out
