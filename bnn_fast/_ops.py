@@ -1,6 +1,16 @@
 """The operator layer: loads the compiled kernels (bnn_fast._C) when present, registers their
 fake (meta) implementations and autograd formulas, and falls back to bnn_fast.reference when the
 extension is missing, broken, or disabled with BNN_FAST_FORCE_REFERENCE=1.
+
+CPU and CUDA: what is bit-identical. The noise is: ``normal(seed, stream, index)`` gives the same
+float32 bits on the CPU (scalar, AVX2, AVX-512) and on CUDA, since both run the same non-
+contracting Box-Muller polynomials (csrc/box_muller.h), whatever the thread count or launch shape.
+What is computed from it is not: a sampled weight ``mu + exp(log_sigma) * eps`` uses CUDA's expf
+(not the CPU kernels' exp) and nvcc contracts multiply-adds into FMAs, so sampled weights and
+layer outputs agree to float rounding (a few ulp per element, then the matmul's own summation
+order), not bit for bit; gaussian_kl sums in 8192-element chunks on CUDA and in the CPU kernel's
+own order, so the two sums agree to rounding. Each device is deterministic on its own: the same
+call gives the same bits on every run.
 """
 from __future__ import annotations
 
@@ -254,8 +264,9 @@ def normal(
     """Standard normal noise of the counter-based RNG contract.
 
     Element i (flat, row-major) is normal(seed, stream, offset + i): a pure function of the
-    integers, computed in float32 and cast to `dtype`; the same on every thread count and launch
-    shape, and on CPU and CUDA up to a few ulp. `seed` and `stream` are taken modulo 2^64.
+    integers, computed in float32 and cast to `dtype`; bit-identical on every thread count and
+    launch shape, and between CPU and CUDA (see the module docstring for what is not).
+    `seed` and `stream` are taken modulo 2^64.
 
     Shape: `shape`.
     """
