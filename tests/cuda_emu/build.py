@@ -74,9 +74,16 @@ def compiler() -> str:
 
 
 def _headers() -> list[str]:
+    """The headers the emulation can include: csrc's torch-free ones (a header that includes
+    ATen or torch is the glue's, and changing it needs no rebuild here) and the shim's."""
     files = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cuh")) + glob.glob(os.path.join(CSRC, "cuda", "*.h")))
     files += sorted(glob.glob(os.path.join(CSRC, "*.h")))
-    return files + sorted(glob.glob(os.path.join(HERE, "*.h"))) + [os.path.abspath(__file__)]
+    torch_free = []
+    for path in files:
+        with open(path) as f:
+            if not re.search(r"#include\s*[<\"](ATen|torch|c10)/", f.read()):
+                torch_free.append(path)
+    return torch_free + sorted(glob.glob(os.path.join(HERE, "*.h"))) + [os.path.abspath(__file__)]
 
 
 def _digest(*parts: bytes) -> str:
