@@ -263,7 +263,8 @@ void weight_grads_cases() {
 struct FusedCase {
   int64_t rows, in, out, samples, x_samples;
   bool bias;
-  int shift;  // the buffer that starts one element in: 0 none, 1 x, 2 weight_mu, 3 weight_log_sigma
+  int shift;  // the buffers that start one element in: 0 none, 1 x and y, 2 weight_mu,
+              // 3 weight_log_sigma and the bias
 };
 
 // The kernel's order: lane l sums the quads l, l + 32, ... of the row (aligned to the Philox
@@ -273,7 +274,7 @@ void fused_case(const FusedCase& c) {
   using A = typename Acc<T>::type;
   const int64_t R = c.rows, in = c.in, out = c.out, S = c.samples;
   Buf<T> x(c.x_samples * R * in, c.shift == 1), mu(out * in, c.shift == 2), ls(out * in, c.shift == 3);
-  Buf<T> bmu(c.bias ? out : 0, false), bls(c.bias ? out : 0, false);
+  Buf<T> bmu(c.bias ? out : 0, c.shift == 3), bls(c.bias ? out : 0, c.shift == 3);
   fill(x, -1, 1);
   fill(mu, -0.5, 0.5);
   fill(ls, -3, 0);
@@ -320,7 +321,7 @@ void fused_case(const FusedCase& c) {
       }
     }
   }
-  Buf<T> y(S * R * out, false);
+  Buf<T> y(S * R * out, c.shift == 1);
   poison(y);
   const std::string what = fmt("fused_small_batch %s rows=%lld in=%lld out=%lld S=%lld x_samples=%lld bias=%d shift=%d",
                                name_of<T>(), static_cast<long long>(R), static_cast<long long>(in),
@@ -662,6 +663,8 @@ void kl_cases() {
       kl_case<double>(numels, shifted);
     }
   }
+  // More chunks than the finishing block has threads: its loop takes two turns.
+  kl_case<float>({kThreads * kKlChunk - 5, 0, 7, kKlChunk + 2}, false);
   Buf<__half> none(0, false);
   KlEntry e{none.p, none.p, none.p, none.p, 1, 0};
   expect_status("gaussian_kl float16", launch_gaussian_kl(DType::kFloat16, &e, 1, 1, nullptr, nullptr, 0, 0, kStream),
