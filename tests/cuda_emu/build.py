@@ -86,6 +86,25 @@ def _headers() -> list[str]:
     return torch_free + sorted(glob.glob(os.path.join(HERE, "*.h"))) + [os.path.abspath(__file__)]
 
 
+def _check_sanitizers(cxx: str, out_root: str) -> None:
+    """Raises Unavailable where g++ cannot build and run an ASan + UBSan program (no libasan, or
+    a kernel whose address-space layout the sanitizer runtime cannot use)."""
+    src = os.path.join(out_root, f"probe{os.getpid()}.cpp")
+    with open(src, "w") as f:
+        f.write("int main() { return 0; }\n")
+    try:
+        r = subprocess.run([cxx, *FLAGS, src, "-o", src + ".bin"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise Unavailable(f"g++ cannot build a sanitized program: {r.stderr.strip()[-300:]}")
+        r = subprocess.run([src + ".bin"], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise Unavailable(f"a sanitized program does not run here: {r.stderr.strip()[-300:]}")
+    finally:
+        for path in (src, src + ".bin"):
+            if os.path.exists(path):
+                os.remove(path)
+
+
 def _digest(*parts: bytes) -> str:
     h = hashlib.sha256()
     for part in parts:
@@ -120,6 +139,7 @@ def build(out_root: str | None = None, jobs: int = 2) -> str:
     binary = os.path.join(out_root, "emu-" + _digest(*(o.encode() for o in objects)))
     if os.path.exists(binary):
         return binary
+    _check_sanitizers(cxx, out_root)
     # The shim first, so that <cuda_runtime.h> is ours; the toolkit's headers after csrc's.
     includes = ["-I", HERE, "-I", CSRC, "-idirafter", include]
 
