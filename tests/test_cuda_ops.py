@@ -35,6 +35,11 @@ def rel_err(got, want):
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
+# Relative error allowed where only the GEMMs' choice of kernel differs (a misaligned or copied
+# operand): a few roundings of the dtype.
+GEMM_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
 def torch_rel_err(dtype):
     """PyTorch's own relative error at `dtype` on a linear layer of the tests' size: the yardstick
     of the low-precision tolerances (gradients of sum(F.linear(x, w)^2))."""
@@ -66,7 +71,6 @@ def test_low_precision_backward_matches_float32(name, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", list(OPS))
 def test_misaligned_and_sliced_weights_give_the_aligned_results(name, dtype):
-    # Equal up to the GEMMs' rounding (cuBLAS may pick another kernel for a misaligned operand).
     mu, ls, bmu, bls = layer_on(dtype, 7, 36)
     x = torch.randn(1, 3, 36, device="cuda", dtype=dtype)
     want_y, want_g = grads(OPS[name], x, [mu, ls, bmu, bls], 5, 2)
@@ -81,9 +85,9 @@ def test_misaligned_and_sliced_weights_give_the_aligned_results(name, dtype):
 
     for change in (misaligned, sliced):
         y, g = grads(OPS[name], misaligned(x), [change(mu), change(ls), bmu, bls], 5, 2)
-        torch.testing.assert_close(y, want_y)
+        assert rel_err(y, want_y) <= GEMM_TOL[dtype]
         for got, want in zip(g, want_g):
-            torch.testing.assert_close(got, want)
+            assert rel_err(got, want) <= GEMM_TOL[dtype]
 
 
 def test_non_contiguous_x_gives_the_contiguous_results():
@@ -92,9 +96,9 @@ def test_non_contiguous_x_gives_the_contiguous_results():
     for op in OPS.values():
         want_y, want_g = grads(op, x.contiguous(), [mu, ls, bmu, bls], 8, 3)
         y, g = grads(op, x, [mu, ls, bmu, bls], 8, 3)
-        torch.testing.assert_close(y, want_y)
+        assert rel_err(y, want_y) <= GEMM_TOL[torch.float32]
         for got, want in zip(g, want_g):
-            torch.testing.assert_close(got, want)
+            assert rel_err(got, want) <= GEMM_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("offset", [(1 << 34) - 9, (1 << 34), (1 << 40) + 3])
