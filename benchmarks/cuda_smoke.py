@@ -5,7 +5,8 @@ Run under `compute-sanitizer --tool memcheck | racecheck | initcheck | synccheck
 (benchmarks/run_gpu.sh runs all four where the tool exists), it reports any out-of-bounds or
 misaligned access, shared-memory race, read of uninitialized memory or invalid barrier of our
 kernels: the shapes are chosen so that row counts, feature counts and sample counts are not
-multiples of the vector widths, and x is deliberately misaligned once. The outputs are also checked for NaN (the inputs have none).
+multiples of the vector widths, and x is deliberately misaligned once. The outputs are also
+checked for NaN (the inputs have none).
 """
 import torch
 

@@ -140,7 +140,7 @@ def kernel_dtype(input: Tensor, weight: Tensor) -> Optional[torch.dtype]:
     if input.is_cuda:
         if not _KERNELS[("bayes_linear", "cuda")]:
             return None
-        if torch.is_autocast_enabled("cuda") and input.dtype != torch.float64 and weight.dtype != torch.float64:
+        if torch.is_autocast_enabled("cuda") and torch.float64 not in (input.dtype, weight.dtype):
             return torch.get_autocast_dtype("cuda")
         dtypes = _CUDA_DTYPES
     elif input.is_cpu:
