@@ -30,7 +30,9 @@ What it cannot prove:
   - the memory model: blocks never run concurrently, threads interleave only at barriers and
     shuffles, so races between blocks or missing __syncthreads between shared-memory phases of one
     warp go unseen (compute-sanitizer racecheck on a GPU covers that: benchmarks/run_gpu.sh);
-  - timing, occupancy, register pressure and launch limits of a real device.
+  - timing, occupancy, register pressure and launch limits of a real device;
+  - AddressSanitizer's stack redzones of a thread's locals that live across a barrier or shuffle
+    (the fiber switch clears them; UBSan's bounds check still covers indexing of local arrays).
 
 Skips (with the reason) where g++ or the CUDA headers are missing. The case count and the time
 are printed in the test summary.

@@ -12,6 +12,11 @@
 // An error prints what was waiting where and aborts. `__shared__` is a static: one block runs at
 // a time, so it is the block's shared memory. Grid-stride kernels can run with the grid capped
 // (grid_cap), so that their stride loops take several turns.
+//
+// AddressSanitizer intercepts swapcontext and clears the shadow of the stack it switches to: the
+// redzones of a thread's locals that live across a barrier or shuffle are gone once it resumes,
+// so out-of-bounds indexing of such a local array is left to UBSan's bounds check (heap buffers,
+// which every kernel argument is, keep their redzones).
 #pragma once
 
 #include <math.h>  // exp(float), sqrt(float), ... in the global namespace, as CUDA's headers give
