@@ -5,8 +5,8 @@ Environment flags
 BNN_FAST_NO_EXTENSION=1   build nothing; the package runs on its pure-PyTorch path.
 BNN_FAST_NO_CUDA=1        build only the C++ part even where CUDA could be built.
 BNN_FAST_FORCE_CUDA=1     fail unless the CUDA part is built.
-BNN_FAST_CUDA_ARCH=...    the CUDA architectures, e.g. "8.0;9.0" (else TORCH_CUDA_ARCH_LIST,
-                          else the visible GPU, else "8.0;9.0" when no GPU is visible).
+BNN_FAST_CUDA_ARCH=...    the CUDA architectures, e.g. "8.0;9.0+PTX" (else TORCH_CUDA_ARCH_LIST,
+                          else the visible GPU, else "8.0;9.0+PTX" when no GPU is visible).
 CUDA_HOME                 the CUDA toolkit (else the nvcc on PATH, else /usr/local/cuda).
 """
 import glob
@@ -17,7 +17,9 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH = "8.0;9.0"
+# A100 and H100/H200 code, and sm_90 PTX that the driver compiles for any newer GPU (B200,
+# RTX 50xx): without it they get "no kernel image is available for execution on the device".
+DEFAULT_ARCH = "8.0;9.0+PTX"
 
 
 def _flag(name):

@@ -1,9 +1,12 @@
-"""Every CUDA operator once, on odd shapes, for a memory checker: python -m benchmarks.cuda_smoke
+"""Every CUDA operator once, forward and backward, every dtype, on odd shapes, for the
+compute-sanitizer tools: python -m benchmarks.cuda_smoke
 
-Run under `compute-sanitizer --tool memcheck` (benchmarks/run_gpu.sh does, where the tool exists),
-it reports any out-of-bounds or misaligned access of our kernels: the shapes are chosen so that
-row counts, feature counts and sample counts are not multiples of the vector widths, and x is
-deliberately misaligned once. The outputs are also checked for NaN (the inputs have none).
+Run under `compute-sanitizer --tool memcheck | racecheck | initcheck | synccheck`
+(benchmarks/run_gpu.sh runs all four where the tool exists), it reports any out-of-bounds or
+misaligned access, shared-memory race, read of uninitialized memory or invalid barrier of our
+kernels: the shapes are chosen so that row counts, feature counts and sample counts are not
+multiples of the vector widths, and x is deliberately misaligned once. The outputs are also
+checked for NaN (the inputs have none).
 """
 import torch
 
@@ -28,8 +31,8 @@ def finite(name, t):
 def main():
     if not (torch.cuda.is_available() and bnn_fast.backend().cuda_compiled):
         raise SystemExit("cuda_smoke: needs a CUDA GPU and the CUDA kernels compiled")
-    finite("normal", _ops.normal((3, 1001), 7, 2, device="cuda", offset=3))
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        finite("normal", _ops.normal((3, 1001), 7, 2, dtype=dtype, device="cuda", offset=3))
         for N, in_f, out_f, S, bias in ((1, 37, 5, 1, True), (5, 130, 3, 2, False), (16, 132, 9, 3, True),
                                         (17, 33, 7, 2, True), (40, 7, 13, 1, False)):
             mu, ls, bmu, bls = layer(out_f, in_f, dtype, bias)
@@ -37,8 +40,6 @@ def main():
             params = [t.requires_grad_() for t in (mu, ls, bmu, bls) if t is not None]
             xg = x.clone().requires_grad_()
             for op in (_ops.bayes_linear, _ops.bayes_linear_local, _ops.bayes_linear_flipout):
-                if dtype in (torch.float16, torch.bfloat16) and op is not _ops.bayes_linear:
-                    continue
                 y = op(xg, mu, ls, bmu, bls, 11, S)
                 finite(op.__name__, y)
                 grads = torch.autograd.grad(y.float().square().sum(), [xg] + params)

@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
-# The one script for a CUDA machine that has torch but no network: build the extension with its
-# CUDA part, run the whole test suite (the CUDA cases included), then the GPU benchmarks.
+# The one command for a lent CUDA machine (torch, no network): build the extension with its CUDA
+# part, run the CUDA tests, run every CUDA operator under compute-sanitizer's memcheck, racecheck,
+# initcheck and synccheck, then the GPU benchmarks, within BUDGET seconds (470: 8 minutes of
+# device time with the machine's start) whatever each phase does.
 #
-#   bash benchmarks/run_gpu.sh [PHASE ...]      (default: all = test bench demo sanitize, in that order)
+#   bash benchmarks/run_gpu.sh [PHASE ...]   (default: all = test sanitize bench demo, in that order)
 #
-#   test:  environment report, build, the test suite (pytest-xdist when installed)
-#   bench: every suite with --device cuda (needs the build of a `test` run in the same tree)
-#   demo:  the regression demo (bnn_fast.examples.regression) with --device cuda
-#   sanitize: benchmarks/cuda_smoke.py (every CUDA operator on odd shapes) under compute-sanitizer's
-#          memcheck, with PyTorch's caching allocator off so that every overrun is seen
+#   test:     environment report, build, the CUDA tests (pytest-xdist when installed)
+#   sanitize: benchmarks/cuda_smoke.py (every CUDA operator, forward and backward, every dtype, odd
+#             shapes) under each compute-sanitizer tool, PyTorch's caching allocator off so that
+#             every overrun and uninitialized read is seen
+#   bench:    every suite with --device cuda (needs the build of a `test` run in the same tree)
+#   demo:     the regression demo (bnn_fast.examples.regression) with --device cuda
 #
 # Logs go to $LOG_DIR (default: $OUT when set, else benchmarks/results), written as the run goes,
-# so a run killed at a time limit still leaves them; each phase has its own timeout. The
-# benchmark results (results/<suite>_cuda.{md,json,png}) are also packed into
-# $LOG_DIR/gpu_results.tgz. The card is named in every results file (machine.gpu).
+# so a run killed at a time limit still leaves them; each phase has its own timeout, capped by
+# what is left of BUDGET. gpu_summary.md names the card, the driver, torch and the commit, with
+# one line per phase (also copied to benchmarks/results/). The benchmark results
+# (results/<suite>_cuda.{md,json,png}) are also packed into $LOG_DIR/gpu_results.tgz.
 #
-# Knobs: PYTHON, MAX_JOBS (16), BNN_FAST_CUDA_ARCH (9.0), TEST_ARGS (extra pytest arguments,
-# e.g. "-k cuda"), TEST_WORKERS (8), TEST_TIMEOUT (300 s), BENCH_TIMEOUT (per suite, 240 s),
-# MIN_RUN_TIME (0.2 s of timed runs per case: a GPU's timings are steady), ROUNDS (2 interleaved
-# rounds), BENCH_ARGS (extra suite arguments, e.g. "--train-steps 200"), SANITIZE_TIMEOUT (150 s),
-# SUITES ("bench_linear bench_predictive bench_kl bench_estimators"), BNN_FAST_COMMIT (the commit the
-# results record where the copy of the tree has no .git).
+# Knobs: PYTHON, BUDGET (470 s), MAX_JOBS (16), BNN_FAST_CUDA_ARCH (9.0), TEST_ARGS (pytest
+# selection, default: -k "cuda and not emulation"; "" runs the whole suite), TEST_WORKERS (8),
+# TEST_TIMEOUT (150 s), SANITIZE_TOOLS ("memcheck racecheck initcheck synccheck"),
+# SANITIZE_TIMEOUT (60 s per tool), BENCH_TIMEOUT (per suite, 75 s), MIN_RUN_TIME (0.2 s of timed
+# runs per case: a GPU's timings are steady), ROUNDS (2 interleaved rounds), BENCH_ARGS (extra
+# suite arguments, e.g. "--train-steps 200"), SUITES ("bench_linear bench_predictive bench_kl
+# bench_estimators"), COMMIT (the commit to name when the tree has no .git; exported to the
+# benchmarks' results as BNN_FAST_COMMIT).
 #
 # The anchors (torchbnn, bayesian-torch, blitz) are pure Python: where pip cannot reach PyPI,
 # carry their wheels in .whl/ (pip download --no-deps -d .whl torchbnn==1.2 bayesian-torch==0.5.0
@@ -34,6 +40,25 @@ RESULTS=benchmarks/results
 LOG_DIR=${LOG_DIR:-${OUT:-$RESULTS}}
 mkdir -p "$RESULTS" "$LOG_DIR"
 export PYTHONUNBUFFERED=1
+BUDGET=${BUDGET:-470}
+SUMMARY=$LOG_DIR/gpu_summary.md
+# cap T: T seconds, or what is left of the budget if less (at least 1).
+cap() { local t=$1 left=$((BUDGET - SECONDS)); ((left < t)) && t=$left; ((t < 1)) && t=1; echo "$t"; }
+# A phase starts only with at least $1 seconds of the budget left.
+time_for() { (( BUDGET - SECONDS >= $1 )) || { note "$2: skipped, $((BUDGET - SECONDS)) s of the budget left"; false; }; }
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+commit=${COMMIT:-${BNN_FAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}}
+export BNN_FAST_COMMIT=$commit
+{
+  echo "# GPU run $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "card, driver, memory: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
+  echo "torch: $($PY -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)' 2>&1 | tail -1)"
+  echo "commit: $commit"
+  echo
+} >"$SUMMARY"
+cat "$SUMMARY"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/bnn-site .whl/*.whl
@@ -61,7 +86,7 @@ if want test; then
     $PY setup.py -q build_ext --inplace >"$LOG_DIR/gpu_build.txt" 2>&1
   build_rc=$?
   [[ $moved == 1 ]] && mv pyproject.toml.aside pyproject.toml
-  echo "build: rc $build_rc in $((SECONDS - start)) s"
+  note "build: rc $build_rc in $((SECONDS - start)) s"
   if [[ $build_rc != 0 ]]; then
     grep -B2 -A12 -m3 "error" "$LOG_DIR/gpu_build.txt" | head -80
     exit 2
@@ -70,43 +95,52 @@ if want test; then
 
   xdist=()
   $PY -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-8}")
+  selection=(-k "cuda and not emulation")
+  [[ -v TEST_ARGS ]] && eval "selection=($TEST_ARGS)"  # shell words, quotes kept
   start=$SECONDS
-  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -rs --tb=short -p no:cacheprovider "${xdist[@]}" ${TEST_ARGS:-} tests \
-    >"$LOG_DIR/gpu_tests.txt" 2>&1
+  timeout "$(cap "${TEST_TIMEOUT:-150}")" $PY -m pytest -q -rs --tb=short -p no:cacheprovider "${xdist[@]}" \
+    "${selection[@]}" tests >"$LOG_DIR/gpu_tests.txt" 2>&1
   tests_rc=$?
-  echo "tests: rc $tests_rc in $((SECONDS - start)) s"
-  grep -E "^(FAILED|ERROR)|passed|failed" "$LOG_DIR/gpu_tests.txt" | tail -40
+  note "tests: rc $tests_rc in $((SECONDS - start)) s: $(grep -E "(passed|failed|error)" "$LOG_DIR/gpu_tests.txt" | tail -1)"
+  grep -E "^(FAILED|ERROR)" "$LOG_DIR/gpu_tests.txt" | head -40 | tee -a "$SUMMARY"
+fi
+
+if want sanitize; then
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
+      time_for 20 "sanitizer $tool" || continue
+      start=$SECONDS
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(cap "${SANITIZE_TIMEOUT:-60}")" compute-sanitizer \
+        --tool "$tool" --error-exitcode 9 $PY -m benchmarks.cuda_smoke >"$LOG_DIR/gpu_sanitizer_$tool.txt" 2>&1
+      rc=$?
+      note "sanitizer $tool: rc $rc in $((SECONDS - start)) s: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|cuda_smoke:" "$LOG_DIR/gpu_sanitizer_$tool.txt" | tr '\n' ' ')"
+    done
+  else
+    note "compute-sanitizer not found: the sanitizer tools skipped"
+  fi
 fi
 
 if want bench; then
   for suite in ${SUITES:-bench_linear bench_predictive bench_kl bench_estimators}; do
+    time_for 30 "$suite" || continue
     start=$SECONDS
     echo "===== $suite =====" >>"$LOG_DIR/gpu_bench.txt"
-    timeout "${BENCH_TIMEOUT:-240}" $PY -m benchmarks.$suite --device cuda \
+    timeout "$(cap "${BENCH_TIMEOUT:-75}")" $PY -m benchmarks.$suite --device cuda \
       --min-run-time "${MIN_RUN_TIME:-0.2}" --rounds "${ROUNDS:-2}" ${BENCH_ARGS:-} >>"$LOG_DIR/gpu_bench.txt" 2>&1
-    echo "$suite: rc $? in $((SECONDS - start)) s" | tee -a "$LOG_DIR/gpu_bench.txt"
+    note "$suite: rc $? in $((SECONDS - start)) s"
     tar czf "$LOG_DIR/gpu_results.tgz" "$RESULTS"/*_cuda.* 2>/dev/null
   done
   grep -A40 "^## Targets" "$RESULTS"/*_cuda.md 2>/dev/null | grep -E "\| (yes|NO) \|" | cut -c1-200
 fi
 
-if want demo; then
+if want demo && time_for 30 demo; then
   start=$SECONDS
-  timeout 120 $PY -m bnn_fast.examples.regression --device cuda --no-progress --out /tmp/regression_cuda.png \
+  timeout "$(cap 120)" $PY -m bnn_fast.examples.regression --device cuda --no-progress --out /tmp/regression_cuda.png \
     >"$LOG_DIR/gpu_demo.txt" 2>&1
-  echo "demo: rc $? in $((SECONDS - start)) s"
+  note "demo: rc $? in $((SECONDS - start)) s"
   tail -8 "$LOG_DIR/gpu_demo.txt"
 fi
 
-if want sanitize; then
-  if command -v compute-sanitizer >/dev/null; then
-    start=$SECONDS
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_TIMEOUT:-150}" compute-sanitizer --tool memcheck \
-      --error-exitcode 9 $PY -m benchmarks.cuda_smoke >"$LOG_DIR/gpu_sanitizer.txt" 2>&1
-    echo "sanitizer: rc $? in $((SECONDS - start)) s"
-    tail -3 "$LOG_DIR/gpu_sanitizer.txt"
-  else
-    echo "compute-sanitizer not found: memcheck skipped"
-  fi
-fi
+note "total: $SECONDS s of the $BUDGET s budget"
+[[ $LOG_DIR != "$RESULTS" ]] && cp "$SUMMARY" "$RESULTS/"
 exit "${tests_rc:-0}"

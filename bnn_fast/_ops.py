@@ -1,6 +1,16 @@
 """The operator layer: loads the compiled kernels (bnn_fast._C) when present, registers their
 fake (meta) implementations and autograd formulas, and falls back to bnn_fast.reference when the
 extension is missing, broken, or disabled with BNN_FAST_FORCE_REFERENCE=1.
+
+CPU and CUDA: what is bit-identical. The noise is: ``normal(seed, stream, index)`` gives the same
+float32 bits on the CPU (scalar, AVX2, AVX-512) and on CUDA, since both run the same non-
+contracting Box-Muller polynomials (csrc/box_muller.h), whatever the thread count or launch shape.
+What is computed from it is not: a sampled weight ``mu + exp(log_sigma) * eps`` uses CUDA's expf
+(not the CPU kernels' exp) and nvcc contracts multiply-adds into FMAs, so sampled weights and
+layer outputs agree to float rounding (a few ulp per element, then the matmul's own summation
+order), not bit for bit; gaussian_kl sums in 8192-element chunks on CUDA and in the CPU kernel's
+own order, so the two sums agree to rounding. Each device is deterministic on its own: the same
+call gives the same bits on every run.
 """
 from __future__ import annotations
 
@@ -130,20 +140,27 @@ def backend() -> BackendInfo:
 
 def kernel_dtype(input: Tensor, weight: Tensor) -> Optional[torch.dtype]:
     """The dtype a fused Bayesian-linear kernel runs in for `input` and `weight`, or None when
-    the pure-PyTorch path must run (kernels not in use, another device, a dtype they lack).
+    the pure-PyTorch path must run (kernels not in use, a device without compiled kernels, a dtype
+    they lack).
 
     Under CUDA autocast the kernel runs in the autocast dtype (float16/bfloat16, float32
-    accumulation); on the CPU it supports float32 and float64, in the parameters' dtype.
-    (Called on every forward of every layer: few and cheap steps, the common case first.)
+    accumulation), except for float64, which autocast never casts (as for nn.Linear); on the CPU
+    it supports float32 and float64, in the parameters' dtype. A device counts only where the
+    operator has a kernel for it: a C++-only build on a CUDA machine (nvcc missing, or
+    BNN_FAST_NO_CUDA=1) sends CUDA tensors to the pure-PyTorch path, not to the dispatcher's
+    NotImplementedError. (Called on every forward of every layer: few and cheap steps, the common
+    case first.)
     """
     if not _LOADED or _local.reference:
         return None
     if input.is_cuda:
-        if torch.is_autocast_enabled("cuda"):
+        if not _KERNELS[("bayes_linear", "cuda")]:
+            return None
+        if torch.is_autocast_enabled("cuda") and torch.float64 not in (input.dtype, weight.dtype):
             return torch.get_autocast_dtype("cuda")
         dtypes = _CUDA_DTYPES
     elif input.is_cpu:
-        if torch.is_autocast_enabled("cpu"):
+        if not _KERNELS[("bayes_linear", "cpu")] or torch.is_autocast_enabled("cpu"):
             return None  # CPU autocast means bfloat16/float16 matmuls: leave them to PyTorch
         dtypes = _CPU_DTYPES
     else:
@@ -220,7 +237,7 @@ def gaussian_kl(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], prior_mu: f
     Returns:
         a 0-dim tensor of the tensors' dtype and device (float32 CPU zero for empty lists).
     """
-    if not validate and mus and use_kernels() and mus[0].device.type in ("cpu", "cuda"):
+    if not validate and mus and use_kernels() and has_kernel("gaussian_kl", mus[0].device.type):
         return torch.ops.bnn_fast.gaussian_kl(mus, log_sigmas, float(prior_mu), float(prior_log_sigma))
     mus, log_sigmas = list(mus), list(log_sigmas)
     if len(mus) != len(log_sigmas):
@@ -240,7 +257,7 @@ def gaussian_kl(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], prior_mu: f
             raise ValueError(f"gaussian_kl: log_sigmas[{i}] must have the shape of mus[{i}] {tuple(m.shape)}, got {tuple(s.shape)}")
     if ref.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"gaussian_kl: mus[0] must be float32 or float64, got {ref.dtype}")
-    if use_kernels() and ref.device.type in ("cpu", "cuda"):
+    if use_kernels() and has_kernel("gaussian_kl", ref.device.type):
         return torch.ops.bnn_fast.gaussian_kl(mus, log_sigmas, float(prior_mu), float(prior_log_sigma))
     return reference.gaussian_kl(mus, log_sigmas, prior_mu, prior_log_sigma)
 
@@ -261,8 +278,9 @@ def normal(
     """Standard normal noise of the counter-based RNG contract.
 
     Element i (flat, row-major) is normal(seed, stream, offset + i): a pure function of the
-    integers, computed in float32 and cast to `dtype`; the same on every thread count and launch
-    shape, and on CPU and CUDA up to a few ulp. `seed` and `stream` are taken modulo 2^64.
+    integers, computed in float32 and cast to `dtype`; bit-identical on every thread count and
+    launch shape, and between CPU and CUDA (see the module docstring for what is not).
+    `seed` and `stream` are taken modulo 2^64.
 
     Shape: `shape`.
     """
@@ -274,7 +292,7 @@ def normal(
     if not dtype.is_floating_point:
         raise TypeError(f"normal: dtype must be a floating-point dtype, got {dtype}")
     device = torch.device(device)
-    if use_kernels() and device.type in ("cpu", "cuda"):
+    if use_kernels() and has_kernel("fill_normal_", device.type):
         out = torch.empty(shape, dtype=dtype, device=device)
         torch.ops.bnn_fast.fill_normal_(out, _to_i64(seed), _to_i64(stream), int(offset))
         return out

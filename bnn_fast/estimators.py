@@ -130,7 +130,12 @@ def local(
         mean = mean + bias_mu
         var = var + torch.exp(2.0 * bias_log_sigma)
     # A zero row without bias has var = 0, where sqrt's derivative is infinite and the chain
-    # rule gives 0 * inf = NaN; clamping sends a zero gradient there instead.
+    # rule gives 0 * inf = NaN; clamping sends a zero gradient there instead. The floor is the
+    # smallest normal number of the type the kernels compute in: float32 for float16 and
+    # bfloat16 (float16's own, 6.1e-5, would pin the std at 7.8e-3 and zero the gradient below).
+    if var.dtype in (torch.float16, torch.bfloat16):
+        std = var.float().clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+        return (mean.float() + std * output_eps.float()).to(var.dtype)
     std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
     return mean + std * output_eps
 

@@ -108,6 +108,34 @@ inline void check_bayes_linear_args(const at::Tensor& x, const at::Tensor& w_mu,
   }
 }
 
+// The backward operators of the fused linears (reparam, local, flipout): the tensors the forward
+// checked, checked again, since a direct call can pass any; the kernels read weight_log_sigma,
+// bias_log_sigma and x through raw pointers sized by weight_mu. grad_out and saved are each
+// operator's own.
+inline void check_linear_backward_args(const char* op, const at::Tensor& x, const at::Tensor& w_mu,
+                                       const at::Tensor& w_ls,
+                                       const std::optional<at::Tensor>& b_ls, int64_t n_samples) {
+  TORCH_CHECK_VALUE(n_samples >= 1, op, ": n_samples must be >= 1, got ", n_samples);
+  TORCH_CHECK_VALUE(w_mu.dim() == 2, op, ": weight_mu must be 2-D [out_features, in_features], got ",
+                    w_mu.sizes());
+  check_same_shape(op, "weight_log_sigma", w_ls, w_mu, "weight_mu");
+  check_same_dtype(op, "weight_log_sigma", w_ls, w_mu);
+  check_same_device(op, "weight_log_sigma", w_ls, w_mu);
+  TORCH_CHECK_VALUE(x.dim() == 3 && (x.size(0) == 1 || x.size(0) == n_samples) &&
+                        x.size(2) == w_mu.size(1),
+                    op, ": x must have shape [1 or ", n_samples, ", N, ", w_mu.size(1), "], got ",
+                    x.sizes());
+  check_same_dtype(op, "x", x, w_mu);
+  check_same_device(op, "x", x, w_mu);
+  if (b_ls.has_value()) {
+    TORCH_CHECK_VALUE(b_ls->dim() == 1 && b_ls->size(0) == w_mu.size(0), op,
+                      ": bias_log_sigma must have shape [", w_mu.size(0), "] (out_features), got ",
+                      b_ls->sizes());
+    check_same_dtype(op, "bias_log_sigma", *b_ls, w_mu);
+    check_same_device(op, "bias_log_sigma", *b_ls, w_mu);
+  }
+}
+
 // bayes_mlp_inference / bayes_mlp / bayes_mlp_backward (CPU and CUDA): both layers' arguments,
 // the dtype (float32 or float64) and the fused kernels' width limits (mlp.h). Returns (in,
 // hidden, out).

@@ -9,9 +9,9 @@
 namespace bnn_fast {
 
 // Local reparameterization: an output element is mean + std * eps with std = sqrt(var) of the
-// pre-activation's exact variance. var is floored at `tiny` (the smallest normal number of the
-// dtype) before the square root: a zero input row without bias has var = 0, where the derivative
-// of sqrt is infinite.
+// pre-activation's exact variance. var is floored at `tiny` (the smallest normal number of T, the
+// type it is computed in: float for float16 and bfloat16 tensors) before the square root: a zero
+// input row without bias has var = 0, where the derivative of sqrt is infinite.
 template <typename T>
 BNN_HD T local_std(T var, T tiny) {
   return std::sqrt(var < tiny ? tiny : var);

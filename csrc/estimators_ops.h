@@ -86,12 +86,15 @@ Grads local_backward(const at::Tensor& grad, const at::Tensor& x_in, const at::T
                      std::array<bool, 5> mask) {
   BNN_NO_AUTOCAST();
   const char* op = "bayes_linear_local_backward";
+  check_linear_backward_args(op, x_in, w_mu_in, w_ls, b_ls, n_samples);
   const int64_t S = n_samples, X = x_in.size(0), N = x_in.size(1), in = x_in.size(2);
   const int64_t out = w_mu_in.size(0);
   check_grad_out(op, grad, S, N, out);
   TORCH_CHECK_VALUE(var_in.dim() == 3 && var_in.size(0) == X && var_in.size(1) == N &&
                         var_in.size(2) == out,
                     op, ": var must have shape [", X, ", ", N, ", ", out, "], got ", var_in.sizes());
+  check_same_dtype(op, "var", var_in, w_mu_in);  // read by the kernels as weight_mu's dtype
+  check_same_device(op, "var", var_in, w_mu_in);
   const auto opts = w_mu_in.options();
   const at::Tensor g = grad.to(w_mu_in.scalar_type()).contiguous();
   const at::Tensor var = var_in.contiguous();
@@ -157,6 +160,7 @@ Grads flipout_backward(const at::Tensor& grad, const at::Tensor& x_in, const at:
                        std::array<bool, 5> mask) {
   BNN_NO_AUTOCAST();
   const char* op = "bayes_linear_flipout_backward";
+  check_linear_backward_args(op, x_in, w_mu_in, w_ls, b_ls, n_samples);
   const int64_t S = n_samples, X = x_in.size(0), N = x_in.size(1), in = x_in.size(2);
   const int64_t out = w_mu_in.size(0);
   const uint64_t sd = uint64_t(seed);

@@ -74,3 +74,15 @@ BAD_LINEAR_ARGS = [
           weight_log_sigma=torch.zeros(3, 4, dtype=torch.float16), bias_mu=None, bias_log_sigma=None),
      TypeError, r"x must be float32 or float64 on the CPU"),
 ]
+
+
+# Filled by test_cuda_emulation.py: the emulated kernel cases, launches and seconds.
+EMULATION = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if "cases" in EMULATION:
+        terminalreporter.write_line(
+            f"CUDA kernels emulated on the CPU (ASan + UBSan): {EMULATION['cases']} cases, "
+            f"{EMULATION['launches']} launches in {EMULATION['run_s']:.1f} s "
+            f"(build {EMULATION.get('build_s', 0.0):.1f} s)")

@@ -2,6 +2,7 @@
 against the closed form, one predictive distribution for all three, gradients against hand-written
 formulas with injected noise, the counter-based noise streams, how an estimator is selected, and
 the gradient variance each gives."""
+import math
 import threading
 from contextlib import nullcontext
 
@@ -388,3 +389,16 @@ def test_gradient_variance_shrinks_with_the_batch_only_for_per_row_noise(name, s
         assert ratio > 8, ratio  # 16 in expectation: independent noise per row
     else:
         assert 0.5 < ratio < 2, ratio  # 1 in expectation: one weight sample for all rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_local_low_precision_floors_the_variance_at_float32s_tiny(dtype):
+    # The kernels compute in float: float16's own tiny (6.1e-5) pinned the output std at 7.8e-3
+    # and zeroed the gradient to log_sigma below it. Here var = 1e-6: std 1e-3, gradient std.
+    x = torch.ones(1, 1, 1, dtype=dtype)
+    mu = torch.zeros(1, 1, dtype=dtype, requires_grad=True)
+    ls = torch.full((1, 1), math.log(1e-3), dtype=dtype, requires_grad=True)
+    y = estimators.local(x, mu, ls, output_eps=torch.ones(1, 1, 1, dtype=dtype))
+    y.sum().backward()
+    assert abs(y.item() - 1e-3) < 1e-4
+    assert abs(ls.grad.item() - 1e-3) < 1e-4

@@ -646,6 +646,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
     const at::Tensor& w_ls, const std::optional<at::Tensor>& b_ls, const at::Tensor& w,
     int64_t seed, int64_t n_samples, std::array<bool, 5> mask) {
   BNN_NO_AUTOCAST();
+  check_linear_backward_args("bayes_linear_backward", x, w_mu_in, w_ls, b_ls, n_samples);
   const int64_t S = n_samples, N = x.size(1), in = w_mu_in.size(1), out = w_mu_in.size(0);
   // An empty `saved`: the forward kept no weight (BNN_FAST_CPU_SAVE_WEIGHT=0), so W is sampled
   // again from (seed, stream 0). With several samples it is sampled whole and the backward below

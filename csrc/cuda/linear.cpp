@@ -70,6 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
     const at::Tensor& w_ls_in, const std::optional<at::Tensor>& b_ls, const at::Tensor& saved,
     int64_t seed, int64_t n_samples, std::array<bool, 5> mask) {
   BNN_NO_AUTOCAST();
+  check_linear_backward_args("bayes_linear_backward", x, w_mu_in, w_ls_in, b_ls, n_samples);
   // Optional: a CPU x (a CUDA weight) gets the shape and device checks' error, not the guard's.
   const c10::OptionalDeviceGuard guard(at::device_of(x));
   const int64_t S = n_samples, N = x.size(1), in = w_mu_in.size(1), out = w_mu_in.size(0);
