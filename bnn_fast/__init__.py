@@ -13,5 +13,6 @@ from .utils import freeze, unfreeze, transform_model
 from . import estimators
 from .estimators import estimator
 from .fusion import FusedSequential, fuse
+from . import distributed
 
 __version__ = "0.1.0"

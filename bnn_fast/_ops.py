@@ -177,13 +177,31 @@ if _LOADED:
     _draw_seed = getattr(_c_module, "new_seed", _randint_seed)
 
 
+def mix64(a: int, b: int) -> int:
+    """A 64-bit hash of the pair (a, b) (SplitMix64's finalizer over a + (b + 1) * golden ratio),
+    as an int64: derives seeds from seeds without consuming any generator."""
+    z = (a + (b + 1) * 0x9E3779B97F4A7C15) % _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % _U64
+    return _to_i64(z ^ (z >> 31))
+
+
+# Set by bnn_fast.distributed.independent_noise: every seed a layer draws is mixed with it, so
+# that processes whose generators are in the same state draw different noise. None: off.
+noise_salt: Optional[int] = None
+
+
 @torch.compiler.disable
 def new_seed() -> int:
     """A fresh 64-bit seed (an int64) from PyTorch's default CPU generator: torch.manual_seed
     makes it reproducible, and there is no GPU synchronization. Always run eagerly: traced by
     torch.compile, the draw would come from inductor's own generator and the compiled model would
-    draw other weights than the same model run eagerly under the same seed."""
-    return _draw_seed()
+    draw other weights than the same model run eagerly under the same seed. Under
+    :func:`bnn_fast.distributed.independent_noise` the draw is mixed with the process's salt
+    (the generator advances the same either way)."""
+    if noise_salt is None:
+        return _draw_seed()
+    return mix64(_draw_seed(), noise_salt)
 
 
 # ----------------------------------------------------------------------------------------------
