@@ -7,6 +7,7 @@ timeout (40 s, in the worker) and this file's limit on the processes (kills them
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -223,3 +224,29 @@ def test_ranks_draw_the_same_noise_unless_independent_noise_is_on(trained):
     assert torch.equal(r0["shared"], r1["shared"])
     assert not torch.equal(r0["own"], r1["own"])
     assert torch.equal(r0["again"], r0["shared"]) and torch.equal(r1["again"], r1["shared"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The torchrun example
+
+
+def test_torchrun_example_trains_predicts_and_plots(tmp_path):
+    figure = tmp_path / "distributed.png"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+               "-m", "bnn_fast.examples.distributed", "--steps", "20", "--samples", "3000",
+               "--no-progress", "--out", str(figure)]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    # A session of its own, so that a timeout ends torchrun's ranks too, not only torchrun.
+    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the example ran past {LIMIT_S} s:\n{output}")
+    assert proc.returncode == 0, output
+    assert "world size 2 (gloo" in output and "prediction: 3,000 samples" in output
+    assert figure.stat().st_size > 10_000
