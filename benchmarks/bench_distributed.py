@@ -100,7 +100,7 @@ def worker() -> None:
         dist.barrier()
         seconds, result = time_call(lambda: call(n), device)
         # The slowest rank's time is the call's.
-        slowest = torch.tensor([seconds], dtype=torch.float64)
+        slowest = torch.tensor([seconds], dtype=torch.float64, device=device)  # NCCL: on the GPU
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         # The collective that merges mean and M2: one gather of 1 + 2 * 300 float64 a rank.
         comm = Comm(dist.group.WORLD)

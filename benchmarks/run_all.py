@@ -2,9 +2,9 @@
 
 Each suite writes its own results/<suite>_<device>.json and .md.
 """
-from benchmarks import bench_estimators, bench_kl, bench_linear, bench_predictive, harness
+from benchmarks import bench_distributed, bench_estimators, bench_kl, bench_linear, bench_predictive, harness
 
-SUITES = (bench_kl, bench_linear, bench_predictive, bench_estimators)
+SUITES = (bench_kl, bench_linear, bench_predictive, bench_estimators, bench_distributed)
 
 
 def main(argv=None):

@@ -19,7 +19,7 @@
 # e.g. "-k cuda"), TEST_WORKERS (8), TEST_TIMEOUT (300 s), BENCH_TIMEOUT (per suite, 240 s),
 # MIN_RUN_TIME (0.2 s of timed runs per case: a GPU's timings are steady), ROUNDS (2 interleaved
 # rounds), BENCH_ARGS (extra suite arguments, e.g. "--train-steps 200"), SANITIZE_TIMEOUT (150 s),
-# SUITES ("bench_linear bench_predictive bench_kl bench_estimators").
+# SUITES ("bench_linear bench_predictive bench_kl bench_estimators bench_distributed").
 #
 # The anchors (torchbnn, bayesian-torch, blitz) are pure Python: where pip cannot reach PyPI,
 # carry their wheels in .whl/ (pip download --no-deps -d .whl torchbnn==1.2 bayesian-torch==0.5.0
@@ -78,7 +78,7 @@ if want test; then
 fi
 
 if want bench; then
-  for suite in ${SUITES:-bench_linear bench_predictive bench_kl bench_estimators}; do
+  for suite in ${SUITES:-bench_linear bench_predictive bench_kl bench_estimators bench_distributed}; do
     start=$SECONDS
     echo "===== $suite =====" >>"$LOG_DIR/gpu_bench.txt"
     timeout "${BENCH_TIMEOUT:-240}" $PY -m benchmarks.$suite --device cuda \

@@ -98,11 +98,11 @@ def query(values: Tensor, weights: Tensor, q: Tensor) -> Tensor:
 
     `values` ``[M, E]`` and `weights` ``[M]`` may be the union of several sketches' summaries."""
     order = values.sort(0)
-    cumulative = weights[order.indices].cumsum(0)  # [M, E]
-    target = q.to(torch.float64).reshape(-1, 1, 1) * weights.sum()
-    # The count of points whose cumulative weight stays below the target is v's row.
-    row = (cumulative.unsqueeze(0) < target).sum(1).clamp_max(values.shape[0] - 1)  # [Q, E]
-    return order.values.gather(0, row)
+    cumulative = weights[order.indices].cumsum(0).T.contiguous()  # [E, M], rising along M
+    target = (q.to(torch.float64) * weights.sum()).expand(cumulative.shape[0], -1).contiguous()
+    # The first row whose cumulative weight reaches the target is v's.
+    row = torch.searchsorted(cumulative, target).clamp_max(values.shape[0] - 1)  # [E, Q]
+    return order.values.gather(0, row.T)
 
 
 def rows_for_budget(n: int, elements: int, item_bytes: int, budget_bytes: float) -> int:
