@@ -1,5 +1,6 @@
 """One rank of the 2-process gloo runs of tests/test_distributed.py (started by that test, not
-collected by pytest): ``python tests/distributed_worker.py SCENARIO OUT_DIR`` with RANK,
+collected by pytest): ``python tests/distributed_worker.py SCENARIO OUT_DIR`` (SCENARIO: predict,
+train, or all: both in one process group) with RANK,
 WORLD_SIZE, MASTER_ADDR (127.0.0.1) and MASTER_PORT set. Saves what it computed to
 ``OUT_DIR/rank{r}.pt`` for the test to compare with one process."""
 from __future__ import annotations
@@ -144,7 +145,9 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=TIMEOUT)
     rank = dist.get_rank()
     try:
-        result = {"predict": predict, "train": train}[scenario](rank)
+        result = {}
+        for name in ("predict", "train") if scenario == "all" else (scenario,):
+            result.update({"predict": predict, "train": train}[name](rank))
         torch.save(result, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

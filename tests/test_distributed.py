@@ -1,7 +1,7 @@
 """bnn_fast on torch.distributed: 2-process gloo runs on 127.0.0.1 against one process.
 
-Each scenario starts two ranks of tests/distributed_worker.py once (a module fixture) and the
-tests compare what they saved with one process. Bounded in time twice: the collectives' own
+Two ranks of tests/distributed_worker.py start once (a module fixture) and the tests compare what
+they saved with one process; the torchrun example runs as its own 2-rank job. Bounded in time twice: the collectives' own
 timeout (40 s, in the worker) and this file's limit on the processes (kills them and fails).
 """
 from __future__ import annotations
@@ -69,13 +69,19 @@ def run_ranks(scenario: str, out: Path, world: int = 2) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def predicted(tmp_path_factory):
-    return run_ranks("predict", tmp_path_factory.mktemp("predict"))
+def ranks(tmp_path_factory):
+    # Prediction and training in one group: one start-up of the two ranks.
+    return run_ranks("all", tmp_path_factory.mktemp("ranks"))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return run_ranks("train", tmp_path_factory.mktemp("train"))
+@pytest.fixture
+def predicted(ranks):
+    return ranks
+
+
+@pytest.fixture
+def trained(ranks):
+    return ranks
 
 
 def one_process(**kwargs):
