@@ -12,7 +12,8 @@ CPU (``--device cpu``, the default), on the same cores:
   c. one process, 1 thread (the per-sample cost of one core, for the parallel efficiency).
 
   Efficiency on the same cores = a / b (threads against processes on 2 cores); parallel
-  efficiency = c / (2 b). Each round runs a, c, then b (the two ranks started afresh, their
+  efficiency = c / (2 b); CPU-work efficiency = c's CPU time / b's (both ranks'), which other
+  jobs on the cores do not skew. Each round runs a, c, then b (the two ranks started afresh, their
   start-up not timed, one untimed 2,000-sample call first); medians over --rounds rounds
   (default 3). Also the largest difference between b's mean and std and a's (the same samples:
   float64 summation order only) and the time of the collective that merges the statistics.
@@ -64,12 +65,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn, device: str) -> tuple[float, object]:
+def time_call(fn, device: str) -> tuple[float, object, float]:
+    """(wall seconds, fn's result, CPU seconds of this process: all its threads)."""
     sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
     sync(device)
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start, out, time.process_time() - cpu
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,10 +100,12 @@ def worker() -> None:
 
         call(WARM_SAMPLES)
         dist.barrier()
-        seconds, result = time_call(lambda: call(n), device)
-        # The slowest rank's time is the call's.
+        seconds, result, cpu = time_call(lambda: call(n), device)
+        # The slowest rank's time is the call's; the CPU time is the ranks' sum.
         slowest = torch.tensor([seconds], dtype=torch.float64, device=device)  # NCCL: on the GPU
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        cpu_total = torch.tensor([cpu], dtype=torch.float64, device=device)
+        dist.all_reduce(cpu_total)
         # The collective that merges mean and M2: one gather of 1 + 2 * 300 float64 a rank.
         comm = Comm(dist.group.WORLD)
         packed = torch.zeros(1 + 2 * x.shape[0], dtype=torch.float64)
@@ -112,7 +116,8 @@ def worker() -> None:
             comm.gather(packed, True)
         gather_seconds = (time.perf_counter() - start) / 20
         if dist.get_rank() == 0:
-            torch.save({"seconds": float(slowest), "gather_seconds": gather_seconds,
+            torch.save({"seconds": float(slowest), "cpu_seconds": float(cpu_total),
+                        "gather_seconds": gather_seconds,
                         "mean": result.mean.cpu(), "std": result.std.cpu(),
                         "chunk_size": result.chunk_size},
                        Path(config["out"]) / "rank0.pt")
@@ -163,32 +168,42 @@ def bench_cpu(args, samples: int, rounds: int) -> tuple[list, dict]:
         return time_call(lambda: predictive(model, x, samples, seed=0, chunk_seeds=True), "cpu")
 
     times = {"a": [], "b": [], "c": []}
+    cpu = {"a": [], "b": [], "c": []}
     gathers, reference, ranks = [], None, None
     for i in range(rounds):
-        seconds, reference = one_process(2)
+        seconds, reference, cpu_seconds = one_process(2)
         times["a"].append(seconds)
-        times["c"].append(one_process(1)[0])
+        cpu["a"].append(cpu_seconds)
+        seconds, _, cpu_seconds = one_process(1)
+        times["c"].append(seconds)
+        cpu["c"].append(cpu_seconds)
         ranks = run_ranks(2, 1, samples, "gloo")
         times["b"].append(ranks["seconds"])
+        cpu["b"].append(ranks["cpu_seconds"])
         gathers.append(ranks["gather_seconds"])
         print(f"round {i + 1}/{rounds}: 1 process x 2 threads {times['a'][-1]:.3f} s, "
               f"1 process x 1 thread {times['c'][-1]:.3f} s, 2 processes x 1 thread "
               f"{times['b'][-1]:.3f} s", flush=True)
     torch.set_num_threads(args.threads)
     a, b, c = (statistics.median(times[k]) for k in "abc")
+    cpu_a, cpu_b, cpu_c = (statistics.median(cpu[k]) for k in "abc")
     rows = [
-        ["1 process, 2 threads", f"{a:.3f} s", f"{a / samples * 1e6:.2f} us"],
-        ["2 processes (gloo), 1 thread each", f"{b:.3f} s", f"{b / samples * 1e6:.2f} us"],
-        ["1 process, 1 thread", f"{c:.3f} s", f"{c / samples * 1e6:.2f} us"],
+        [name, f"{t:.3f} s", f"{t / samples * 1e6:.2f} us", f"{u:.3f} s"]
+        for name, t, u in (("1 process, 2 threads", a, cpu_a),
+                           ("2 processes (gloo), 1 thread each", b, cpu_b),
+                           ("1 process, 1 thread", c, cpu_c))
     ]
     summary = {
         "samples": samples,
         "rounds": rounds,
         "chunk_size": ranks["chunk_size"],
         "seconds": times,
+        "cpu_seconds": cpu,
         "median_s": {"1proc_2threads": a, "2procs_1thread": b, "1proc_1thread": c},
         "efficiency_same_cores": a / b,
         "parallel_efficiency": c / (2 * b),
+        # Load-independent: the CPU work of the 2 ranks against one process on one thread.
+        "cpu_work_efficiency": cpu_c / cpu_b,
         "merge_gather_seconds_median": statistics.median(gathers),
         "max_abs_diff_mean": float((ranks["mean"] - reference.mean).abs().max()),
         "max_abs_diff_std": float((ranks["std"] - reference.std).abs().max()),
@@ -196,6 +211,7 @@ def bench_cpu(args, samples: int, rounds: int) -> tuple[list, dict]:
     print(f"efficiency on the same 2 cores (1 process x 2 threads / 2 processes x 1 thread): "
           f"{summary['efficiency_same_cores']:.2f}")
     print(f"parallel efficiency (1 thread / (2 x 2 processes)): {summary['parallel_efficiency']:.2f}")
+    print(f"CPU-work efficiency (1 thread / both ranks, CPU seconds): {summary['cpu_work_efficiency']:.2f}")
     return rows, summary
 
 
@@ -206,8 +222,8 @@ def bench_cuda(args, samples: int, rounds: int) -> tuple[list, dict]:
              for _ in range(rounds)]
     nccl = [run_ranks(1, args.threads, samples, "nccl") for _ in range(rounds)]
     a, b = statistics.median(plain), statistics.median(r["seconds"] for r in nccl)
-    rows = [["1 process, no group", f"{a:.3f} s", f"{a / samples * 1e6:.3f} us"],
-            ["NCCL group of 1", f"{b:.3f} s", f"{b / samples * 1e6:.3f} us"]]
+    rows = [["1 process, no group", f"{a:.3f} s", f"{a / samples * 1e6:.3f} us", ""],
+            ["NCCL group of 1", f"{b:.3f} s", f"{b / samples * 1e6:.3f} us", ""]]
     return rows, {"samples": samples, "rounds": rounds, "median_s": {"plain": a, "nccl_world1": b},
                   "overhead": b / a - 1,
                   "merge_gather_seconds_median": statistics.median(r["gather_seconds"] for r in nccl)}
@@ -238,9 +254,10 @@ def main(argv=None) -> None:
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += ["", f"## The seed article's prediction, {samples:,} samples on 300 points "
               f"(median of {rounds} rounds)", "",
-              harness.markdown_table(["configuration", "time", "per sample"], rows), ""]
+              harness.markdown_table(["configuration", "time", "per sample", "CPU time (all threads)"],
+                                     rows), ""]
     lines += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
-              for k, v in summary.items() if k not in ("seconds", "median_s")]
+              for k, v in summary.items() if k not in ("seconds", "cpu_seconds", "median_s")]
     markdown = "\n".join(lines) + "\n"
     print(markdown)
     harness.RESULTS_DIR.mkdir(exist_ok=True)
