@@ -72,6 +72,10 @@ def init(backend: str) -> str:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if (backend == "gloo" and os.environ.get("MASTER_ADDR") in ("127.0.0.1", "localhost")
+            and os.path.exists("/sys/class/net/lo")):
+        # One machine: keep gloo's connections on the loopback interface.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     device = "cpu"
     if backend == "nccl":
         local = int(os.environ.get("LOCAL_RANK", "0"))
