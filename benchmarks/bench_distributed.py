@@ -43,17 +43,21 @@ from pathlib import Path
 
 import torch
 
+import bnn_fast
 from bnn_fast.examples.regression import make_data, make_model
 from bnn_fast.predictive import predictive
 from benchmarks import harness
 
 SAMPLES, QUICK_SAMPLES = 100_000, 10_000
 WARM_SAMPLES = 2_000
-ROUNDS = 3
+ROUNDS = 5
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def setup(device: str):
+    if device == "cpu":
+        # As the other suites and the examples run (see bnn_fast.utils.retain_cpu_memory).
+        bnn_fast.utils.retain_cpu_memory()
     torch.manual_seed(0)
     model = make_model().to(device).eval()
     x, _ = make_data(300, device)
@@ -152,9 +156,13 @@ def run_ranks(world: int, threads: int, samples: int, backend: str) -> dict:
 
 
 def git_commit() -> str:
+    """HEAD, with "+dirty" when tracked files have uncommitted changes."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        def git(*args):
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
