@@ -244,9 +244,9 @@ def test_torchrun_example_trains_predicts_and_plots(tmp_path):
                "--no-progress", "--out", str(figure)]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    # A session of its own, so that a timeout ends torchrun's ranks too, not only torchrun.
+    # A process group of its own, so that a timeout ends torchrun's ranks too, not only torchrun.
     proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=os.setpgrp)
     try:
         output, _ = proc.communicate(timeout=LIMIT_S)
     except subprocess.TimeoutExpired:
