@@ -377,6 +377,10 @@ def _pad(row: list[int], width: int) -> list[int]:
     return [int(v) for v in row] + [0] * (width - len(row))
 
 
+# The length of _predictive_distributed's header row: 5 ints and a packed shape.
+_HEADER = 5 + len(_dist.pack_shape((), torch.float32))
+
+
 def _predictive_distributed(comm: _dist.Comm, model, x, n_samples, chunk_size, memory_budget_mb,
                             progress, base, q, return_samples, all_ranks):
     """:func:`predictive` on this rank's share of the chunk grid, merged over the group."""
@@ -410,15 +414,18 @@ def _predictive_distributed(comm: _dist.Comm, model, x, n_samples, chunk_size, m
                              consume, base=base, comm=comm)
     except Exception as e:  # every rank enters the exchange below; all raise there
         error = e
-    shape, dtype = (tuple(kept[0].shape[1:]) if kept else None), moments.dtype
-    if moments.n:
-        shape = tuple(moments.mean.shape)
-    summary = sketch.summary() if sketch is not None else None
-    header = [local_n, ["exact", "sketch", None].index(method), used_chunk,
-              summary[0].shape[0] if summary is not None else 0,
-              sketch.rank_error if sketch is not None else 0,
-              *_dist.pack_shape(shape or (), dtype or torch.float32)]
-    table = comm.exchange(header, error)
+    summary, header = None, []
+    if error is None:
+        try:
+            summary = sketch.summary() if sketch is not None else None
+            shape = tuple(moments.mean.shape) if moments.n else ()
+            header = [local_n, ["exact", "sketch", None].index(method), used_chunk,
+                      summary[0].shape[0] if summary is not None else 0,
+                      sketch.rank_error if sketch is not None else 0,
+                      *_dist.pack_shape(shape, moments.dtype or torch.float32)]
+        except Exception as e:
+            error = e
+    table = comm.exchange(header or [0] * _HEADER, error)
     counts = table[:, 0].tolist()
     source = next(r for r, n in enumerate(counts) if n > 0)  # the grid has >= 1 sample
     method = ["exact", "sketch", None][int(table[source, 1])]
@@ -484,16 +491,16 @@ def _predictive_distributed(comm: _dist.Comm, model, x, n_samples, chunk_size, m
 def _classification_distributed(comm: _dist.Comm, model, x, n_samples, chunk_size,
                                 memory_budget_mb, progress, base, sums: "_ClassSums", all_ranks):
     """:func:`predictive_classification` on this rank's share of the grid, summed over the group."""
-    error, used_chunk = None, 0
+    error, used_chunk, header = None, 0, []
     try:
         used_chunk = _stream(model, x, n_samples, chunk_size, memory_budget_mb, progress, None,
                              sums.update, base=base, comm=comm)
+        shape = tuple(sums.probs.shape) if sums.probs is not None else ()
+        header = [int(sums.probs is not None), used_chunk,
+                  *_dist.pack_shape(shape, sums.dtype or torch.float32)]
     except Exception as e:  # every rank enters the exchange below; all raise there
         error = e
-    shape = tuple(sums.probs.shape) if sums.probs is not None else ()
-    header = [int(sums.probs is not None), used_chunk,
-              *_dist.pack_shape(shape, sums.dtype or torch.float32)]
-    table = comm.exchange(header, error)
+    table = comm.exchange(header or [0] * (_HEADER - 3), error)
     source = int(table[:, 0].nonzero()[0])
     used_chunk = int(table[source, 1])
     shape, dtype = _dist.unpack_shape(table[source, 2:].tolist())
