@@ -25,7 +25,7 @@
 # SANITIZE_TIMEOUT (60 s per tool), BENCH_TIMEOUT (per suite, 75 s), MIN_RUN_TIME (0.2 s of timed
 # runs per case: a GPU's timings are steady), ROUNDS (2 interleaved rounds), BENCH_ARGS (extra
 # suite arguments, e.g. "--train-steps 200"), SUITES ("bench_linear bench_predictive bench_kl
-# bench_estimators"), COMMIT (the commit to name when the tree has no .git; exported to the
+# bench_estimators bench_distributed"), COMMIT (the commit to name when the tree has no .git; exported to the
 # benchmarks' results as BNN_FAST_COMMIT).
 #
 # The anchors (torchbnn, bayesian-torch, blitz) are pure Python: where pip cannot reach PyPI,
@@ -121,7 +121,7 @@ if want sanitize; then
 fi
 
 if want bench; then
-  for suite in ${SUITES:-bench_linear bench_predictive bench_kl bench_estimators}; do
+  for suite in ${SUITES:-bench_linear bench_predictive bench_kl bench_estimators bench_distributed}; do
     time_for 30 "$suite" || continue
     start=$SECONDS
     echo "===== $suite =====" >>"$LOG_DIR/gpu_bench.txt"

@@ -20,5 +20,6 @@ from .sampling import sample_many
 # path (from bnn_fast.predictive import PredictiveResult), which the import system resolves
 # through sys.modules, not through this attribute.
 from .predictive import ClassificationResult, PredictiveResult, predictive, predictive_classification
+from . import distributed
 
 __version__ = "0.1.0"

@@ -214,7 +214,38 @@ def new_seed() -> int:
 if _LOADED:
     from . import _C as _c_module
 
-    new_seed = _c_module.new_seed  # noqa: F811
+    _c_new_seed = _c_module.new_seed
+    new_seed = _c_new_seed  # noqa: F811
+
+
+def mix64(a: int, b: int) -> int:
+    """A 64-bit hash of the pair (a, b) (SplitMix64's finalizer over a + (b + 1) * golden ratio),
+    as an int64: derives seeds from seeds without consuming any generator."""
+    z = (a + (b + 1) * 0x9E3779B97F4A7C15) % _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % _U64
+    return _to_i64(z ^ (z >> 31))
+
+
+# Set through set_noise_salt (bnn_fast.distributed.independent_noise): every seed a layer draws is
+# mixed with it, so that processes whose generators are in the same state draw different noise.
+# None: off.
+noise_salt: Optional[int] = None
+_plain_new_seed = new_seed
+
+
+def _salted_new_seed() -> int:
+    return mix64(_plain_new_seed(), noise_salt)
+
+
+def set_noise_salt(salt: Optional[int]) -> Optional[int]:
+    """Sets the salt every new_seed() draw is mixed with (None: off) and returns the previous
+    one. While it is off, new_seed stays the bare draw (the C function with the extension), so
+    the layers pay nothing for the option; the generator advances the same either way."""
+    global noise_salt, new_seed
+    previous, noise_salt = noise_salt, salt
+    new_seed = _plain_new_seed if salt is None else _salted_new_seed
+    return previous
 
 
 # ----------------------------------------------------------------------------------------------

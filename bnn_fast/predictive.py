@@ -12,9 +12,14 @@ A model whose Bayesian layers do not all follow the sampling protocol (or that h
 MC-dropout model) is still handled: each chunk is then ``c`` ordinary forward passes, one sample
 each. The results are the same in distribution, only slower; a warning names the layers that
 lack support.
+
+With ``group=``, the ranks of a torch.distributed process group split the samples and merge the
+statistics exactly; the result is the one a single process gets with ``chunk_seeds=True``
+(docs/distributed.md).
 """
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 import warnings
@@ -26,7 +31,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import fusion
+from . import _ops, _sketch, fusion
+from . import distributed as _dist
 from .sampling import sample_many
 
 __all__ = ["PredictiveResult", "ClassificationResult", "predictive", "predictive_classification"]
@@ -54,6 +60,12 @@ class PredictiveResult:
             ``return_samples=True``.
         n_samples: S, the number of samples drawn.
         chunk_size: the number of samples drawn per forward pass.
+        quantile_method: ``"exact"`` (:func:`torch.quantile` over all samples), ``"sketch"``
+            (a distributed call whose samples exceed the memory budget: the mergeable sketch of
+            :mod:`bnn_fast._sketch`), or ``None`` without quantiles.
+        quantile_rank_error: with the sketch, the bound e / S on how far the level of each
+            returned value may be from the one asked (each value is a sample quantile at a level
+            within that distance); 0.0 otherwise.
     """
 
     mean: Tensor
@@ -62,6 +74,8 @@ class PredictiveResult:
     samples: Optional[Tensor]
     n_samples: int
     chunk_size: int
+    quantile_method: Optional[str] = None
+    quantile_rank_error: float = 0.0
 
 
 @dataclass
@@ -102,7 +116,10 @@ def predictive(
     return_samples: bool = False,
     progress: Optional[bool] = None,
     seed: Optional[int] = None,
-) -> PredictiveResult:
+    group=None,
+    all_ranks: bool = True,
+    chunk_seeds: Optional[bool] = None,
+) -> Optional[PredictiveResult]:
     r"""The posterior predictive mean and standard deviation of `model` at `x`, from
     `n_samples` weight samples.
 
@@ -141,24 +158,57 @@ def predictive(
         seed (int, optional): draw from generators seeded with `seed` (the CPU one and, for a
             CUDA `x`, that device's), restored afterwards. ``None`` uses the global generators,
             so ``torch.manual_seed`` makes the run reproducible.
+        group (ProcessGroup or "default", optional): sample-parallel over a torch.distributed
+            process group (``"default"``: the default one). Every rank of the group must call
+            with the same arguments (checked: a mismatch or a failure on any rank raises on
+            every rank); the ranks split the chunk grid (see `chunk_seeds`) and merge their
+            float64 statistics with collectives whose size is that of the output, not the
+            sample count. With `quantiles`, the samples are gathered for exact quantiles when
+            all ``S`` of them fit `memory_budget_mb`, else each rank keeps a mergeable sketch
+            (``result.quantile_method`` says which ran). The progress bar shows on rank 0 only.
+            See docs/distributed.md. Default: ``None`` (this process only)
+        all_ranks (bool): with `group`, every rank receives the result; ``False``: only the
+            group's rank 0, the others get ``None``. Default: ``True``
+        chunk_seeds (bool, optional): draw on a fixed grid of chunks, each from generators
+            seeded with a hash of (`seed`, chunk index), so that sample k does not depend on
+            which process draws it: with the same `seed` and chunk size, one process and any
+            number of ranks draw the same samples. ``None``: ``True`` with a `group` (where it
+            is required), ``False`` without (one generator stream over the whole call, as
+            before; the same distribution, other samples). With ``seed=None`` the grid's seed is
+            one draw from the default generator (rank 0's, with a group). Default: ``None``
 
     Returns:
-        PredictiveResult
+        PredictiveResult (``None`` on ranks other than 0 when ``all_ranks=False``)
 
     Raises:
         TypeError / ValueError: for an argument of the wrong type or value (the message names it).
         RuntimeError: if the model does not fold the samples as the protocol says (a Bayesian
             layer claims sampling support but its output rows are not ``S*N``).
+        bnn_fast.distributed.RankFailed: with a `group`, on the ranks whose own call went
+            well when another rank's failed (that rank raises its own error).
 
     Example::
 
         r = predictive(model, x_test, 10_000, quantiles=[0.025, 0.975])
         lower, upper = r.quantiles    # a 95% interval around r.mean, each [N, ...]
     """
-    _check_arguments(model, x, n_samples, chunk_size, memory_budget_mb, progress, seed)
-    q = _check_quantiles(quantiles)
-    if not isinstance(return_samples, bool):
-        raise TypeError(f"return_samples must be a bool, got {type(return_samples).__name__}")
+    q = None
+
+    def check() -> list[int]:
+        nonlocal q
+        _check_arguments(model, x, n_samples, chunk_size, memory_budget_mb, progress, seed,
+                         all_ranks, chunk_seeds)
+        q = _check_quantiles(quantiles)
+        if not isinstance(return_samples, bool):
+            raise TypeError(f"return_samples must be a bool, got {type(return_samples).__name__}")
+        levels = hash(tuple(q.tolist())) if q is not None else 0
+        return [_ops._to_i64(levels), int(return_samples)]
+
+    comm, base = _begin(group, check, n_samples, chunk_size, memory_budget_mb, seed, all_ranks,
+                        chunk_seeds)
+    if comm is not None:
+        return _predictive_distributed(comm, model, x, n_samples, chunk_size, memory_budget_mb,
+                                       progress, base, q, return_samples, all_ranks)
 
     moments = _Moments()
     keep = q is not None or return_samples
@@ -174,21 +224,25 @@ def predictive(
             samples[done:done + y.shape[0]].copy_(y)
         done += y.shape[0]
 
-    used_chunk = _stream(model, x, n_samples, chunk_size, memory_budget_mb, progress, seed, consume)
+    used_chunk = _stream(model, x, n_samples, chunk_size, memory_budget_mb, progress, seed,
+                         consume, base=base)
     mean, std = moments.result()
-    quantile_values = None
-    if q is not None:
-        # torch.quantile takes float32 and float64 only.
-        values = samples if samples.dtype in (torch.float32, torch.float64) else samples.float()
-        quantile_values = torch.quantile(values, q.to(values.dtype), dim=0)
     return PredictiveResult(
         mean=mean,
         std=std,
-        quantiles=quantile_values,
+        quantiles=_exact_quantiles(samples, q) if q is not None else None,
         samples=samples if return_samples else None,
         n_samples=n_samples,
         chunk_size=used_chunk,
+        quantile_method="exact" if q is not None else None,
     )
+
+
+def _exact_quantiles(samples: Tensor, q: Tensor) -> Tensor:
+    """torch.quantile of `samples` ``[S, N, ...]`` over the samples at levels `q`."""
+    # torch.quantile takes float32 and float64 only.
+    values = samples if samples.dtype in (torch.float32, torch.float64) else samples.float()
+    return torch.quantile(values, q.to(values.dtype), dim=0)
 
 
 def predictive_classification(
@@ -200,26 +254,49 @@ def predictive_classification(
     memory_budget_mb: float = 256,
     progress: Optional[bool] = None,
     seed: Optional[int] = None,
-) -> ClassificationResult:
+    group=None,
+    all_ranks: bool = True,
+    chunk_seeds: Optional[bool] = None,
+) -> Optional[ClassificationResult]:
     r"""The predictive class distribution of a classifier and its uncertainty decomposition, from
     `n_samples` weight samples in one streaming pass.
 
     ``model(x)`` must return logits ``[N, C, ...]`` with the classes in dimension 1 (as
     :class:`torch.nn.CrossEntropyLoss` takes them); softmax and entropies are computed in float64.
-    The arguments are those of :func:`predictive`.
+    The arguments are those of :func:`predictive`; with a `group`, each rank's float64 sums
+    of the probabilities and of the entropies are summed with one gather.
 
     Returns:
         ClassificationResult: probs ``[N, C, ...]``; entropy, expected_entropy and
-        mutual_information ``[N, ...]``.
+        mutual_information ``[N, ...]`` (``None`` on ranks other than 0 when
+        ``all_ranks=False``).
     """
-    _check_arguments(model, x, n_samples, chunk_size, memory_budget_mb, progress, seed)
-    # float64 running sums over samples of softmax(logits) [N, C, ...] and of its entropy [N, ...].
-    sum_probs: Optional[Tensor] = None
-    sum_entropy: Optional[Tensor] = None
-    dtype = None
+    def check() -> list[int]:
+        _check_arguments(model, x, n_samples, chunk_size, memory_budget_mb, progress, seed,
+                         all_ranks, chunk_seeds)
+        return []
 
-    def consume(y: Tensor) -> None:
-        nonlocal sum_probs, sum_entropy, dtype
+    comm, base = _begin(group, check, n_samples, chunk_size, memory_budget_mb, seed, all_ranks,
+                        chunk_seeds)
+    sums = _ClassSums()
+    if comm is not None:
+        return _classification_distributed(comm, model, x, n_samples, chunk_size,
+                                           memory_budget_mb, progress, base, sums, all_ranks)
+    used_chunk = _stream(model, x, n_samples, chunk_size, memory_budget_mb, progress, seed,
+                         sums.update, base=base)
+    return sums.result(n_samples, used_chunk)
+
+
+class _ClassSums:
+    """float64 running sums over samples of softmax(logits) [N, C, ...] and of its entropy
+    [N, ...]."""
+
+    def __init__(self) -> None:
+        self.probs: Optional[Tensor] = None
+        self.entropy: Optional[Tensor] = None
+        self.dtype: Optional[torch.dtype] = None
+
+    def update(self, y: Tensor) -> None:
         if y.dim() < 3:
             raise ValueError(
                 f"predictive_classification: the model must return logits [N, C, ...], got shape "
@@ -228,13 +305,18 @@ def predictive_classification(
         log_p = torch.log_softmax(y.double(), dim=2)  # y is [c, N, C, ...]: classes in dim 2
         p = log_p.exp()
         entropy = -(p * log_p).sum(2)
-        if sum_probs is None:
-            sum_probs, sum_entropy, dtype = p.sum(0), entropy.sum(0), y.dtype
+        if self.probs is None:
+            self.probs, self.entropy, self.dtype = p.sum(0), entropy.sum(0), y.dtype
         else:
-            sum_probs += p.sum(0)
-            sum_entropy += entropy.sum(0)
+            self.probs += p.sum(0)
+            self.entropy += entropy.sum(0)
 
-    used_chunk = _stream(model, x, n_samples, chunk_size, memory_budget_mb, progress, seed, consume)
+    def result(self, n_samples: int, used_chunk: int) -> ClassificationResult:
+        return _classification_result(self.probs, self.entropy, self.dtype, n_samples, used_chunk)
+
+
+def _classification_result(sum_probs: Tensor, sum_entropy: Tensor, dtype: torch.dtype,
+                           n_samples: int, used_chunk: int) -> ClassificationResult:
     probs = sum_probs / n_samples
     entropy = -torch.special.xlogy(probs, probs).sum(1)  # xlogy: 0 * log 0 = 0
     expected_entropy = sum_entropy / n_samples
@@ -247,6 +329,193 @@ def predictive_classification(
         n_samples=n_samples,
         chunk_size=used_chunk,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed
+
+
+def _begin(group, check: Callable[[], list[int]], n_samples, chunk_size, memory_budget_mb, seed,
+           all_ranks, chunk_seeds) -> tuple[Optional[_dist.Comm], Optional[int]]:
+    """Checks the arguments (`check` returns the caller's own ints that every rank must agree
+    on) and returns (the group's Comm or None, the chunk grid's seed or None for one generator
+    stream). With a group, every rank learns whether any rank's arguments are bad or differ,
+    and every rank raises then: no rank is left waiting in a collective."""
+    group = _dist.resolve_group(group)
+    comm = _dist.Comm(group) if group is not None else None
+    if comm is None:
+        check()
+        if not chunk_seeds:
+            return None, None
+        return None, seed if seed is not None else _ops._plain_new_seed()
+    error, own = None, []
+    try:
+        own = check()
+        if chunk_seeds is False:
+            raise ValueError("chunk_seeds=False cannot be used with a group: the samples must not "
+                             "depend on the rank that draws them")
+    except (TypeError, ValueError) as e:
+        error = e
+    given = seed is not None and error is None
+    base = _ops._to_i64(seed) if given else _ops._plain_new_seed()
+    budget = int(memory_budget_mb * _MB) if error is None else 0
+    # A rank with bad arguments sends zeros (it raises its own error after the exchange).
+    row = [] if error is not None else [n_samples, chunk_size or 0, int(given),
+                                        base if given else 0, budget, int(all_ranks), *own]
+    table = comm.exchange(_pad(row, 16) + [base], error)
+    if not bool((table[:, :-1] == table[0, :-1]).all()):
+        raise ValueError(
+            "predictive: the ranks of the group were called with different arguments (n_samples, "
+            "chunk_size, seed, memory_budget_mb, all_ranks, quantiles and return_samples must "
+            "agree on every rank)")
+    return comm, int(table[0, -1])
+
+
+def _pad(row: list[int], width: int) -> list[int]:
+    if len(row) > width:
+        raise AssertionError("predictive: argument row too long")
+    return [int(v) for v in row] + [0] * (width - len(row))
+
+
+# The length of _predictive_distributed's header row: 5 ints and a packed shape.
+_HEADER = 5 + len(_dist.pack_shape((), torch.float32))
+
+
+def _predictive_distributed(comm: _dist.Comm, model, x, n_samples, chunk_size, memory_budget_mb,
+                            progress, base, q, return_samples, all_ranks):
+    """:func:`predictive` on this rank's share of the chunk grid, merged over the group."""
+    moments = _Moments()
+    kept: list[Tensor] = []  # this rank's samples on the CPU (exact quantiles, return_samples)
+    sketch: Optional[_sketch.QuantileSketch] = None
+    method = None  # "exact" or "sketch", decided on the first chunk (the same on every rank)
+    local_n = 0
+
+    def consume(y: Tensor) -> None:
+        nonlocal sketch, method, local_n
+        moments.update(y)
+        local_n += y.shape[0]
+        if q is None and not return_samples:
+            return
+        if method is None:
+            # Exact when all S samples fit the budget where they are gathered.
+            size = n_samples * y[0].numel() * _dist.wire_dtype(y.dtype).itemsize
+            method = "exact" if return_samples or size <= memory_budget_mb * _MB else "sketch"
+            if method == "sketch":
+                sketch = _sketch.QuantileSketch(_sketch.rows_for_budget(
+                    n_samples, y[0].numel(), y.element_size(), memory_budget_mb * _MB))
+        if method == "exact":
+            kept.append(y.cpu())
+        else:
+            sketch.add(y.reshape(y.shape[0], -1))
+
+    error, used_chunk = None, 0
+    try:
+        used_chunk = _stream(model, x, n_samples, chunk_size, memory_budget_mb, progress, None,
+                             consume, base=base, comm=comm)
+    except Exception as e:  # every rank enters the exchange below; all raise there
+        error = e
+    summary, header = None, []
+    if error is None:
+        try:
+            summary = sketch.summary() if sketch is not None else None
+            shape = tuple(moments.mean.shape) if moments.n else ()
+            header = [local_n, ["exact", "sketch", None].index(method), used_chunk,
+                      summary[0].shape[0] if summary is not None else 0,
+                      sketch.rank_error if sketch is not None else 0,
+                      *_dist.pack_shape(shape, moments.dtype or torch.float32)]
+        except Exception as e:
+            error = e
+    table = comm.exchange(header or [0] * _HEADER, error)
+    counts = table[:, 0].tolist()
+    source = next(r for r, n in enumerate(counts) if n > 0)  # the grid has >= 1 sample
+    method = ["exact", "sketch", None][int(table[source, 1])]
+    used_chunk = int(table[source, 2])
+    shape, dtype = _dist.unpack_shape(table[source, 5:].tolist())
+    elements = math.prod(shape)
+
+    # Mean and M2: one gather of [n, mean, M2] per rank, merged in rank order in float64.
+    packed = torch.zeros(1 + 2 * elements, dtype=torch.float64)
+    if local_n:
+        packed[0] = local_n
+        packed[1:1 + elements] = moments.mean.flatten().cpu()
+        packed[1 + elements:] = moments.m2.flatten().cpu()
+    gathered = comm.gather(packed, all_ranks)
+    samples = quantile_values = None
+    rank_error = 0.0
+    if method == "exact":
+        # This rank's samples, padded to the largest count, gathered and cut in rank order.
+        wire = _dist.wire_dtype(dtype)
+        rows = torch.zeros((max(counts), elements), dtype=wire)
+        if kept:
+            rows[:local_n] = torch.cat(kept).reshape(local_n, elements).to(wire)
+        everyone = comm.gather(rows, all_ranks)
+        if everyone is not None:
+            samples = torch.cat([everyone[r, :n].cpu() for r, n in enumerate(counts)])
+            samples = samples.to(dtype).reshape(n_samples, *shape)
+            if q is not None:
+                quantile_values = _exact_quantiles(samples, q)
+    elif method == "sketch":
+        sizes = table[:, 3].tolist()
+        values = torch.zeros((max(sizes), elements), dtype=_dist.wire_dtype(dtype))
+        weights = torch.zeros(max(sizes), dtype=torch.float64)  # padding weighs nothing
+        if summary is not None:
+            values[:sizes[comm.rank]] = summary[0].to(values.dtype)
+            weights[:sizes[comm.rank]] = summary[1]
+        all_values, all_weights = comm.gather(values, all_ranks), comm.gather(weights, all_ranks)
+        if all_values is not None:
+            points = torch.cat([all_values[r, :m].cpu() for r, m in enumerate(sizes)])
+            point_weights = torch.cat([all_weights[r, :m].cpu() for r, m in enumerate(sizes)])
+            quantile_values = _sketch.query(points, point_weights, q).to(dtype)
+            quantile_values = quantile_values.reshape(len(q), *shape)
+            rank_error = float(table[:, 4].sum()) / n_samples
+    if gathered is None:
+        return None
+    merged = _Moments()
+    for r in range(comm.world):
+        row = gathered[r].cpu()
+        merged.merge(int(row[0]), row[1:1 + elements].reshape(shape).clone(),
+                     row[1 + elements:].reshape(shape).clone(), dtype)
+    mean, std = merged.result()
+    return PredictiveResult(
+        mean=mean.to(x.device),
+        std=std.to(x.device),
+        quantiles=quantile_values,
+        samples=samples if return_samples else None,
+        n_samples=n_samples,
+        chunk_size=used_chunk,
+        quantile_method=method if q is not None else None,
+        quantile_rank_error=rank_error,
+    )
+
+
+def _classification_distributed(comm: _dist.Comm, model, x, n_samples, chunk_size,
+                                memory_budget_mb, progress, base, sums: "_ClassSums", all_ranks):
+    """:func:`predictive_classification` on this rank's share of the grid, summed over the group."""
+    error, used_chunk, header = None, 0, []
+    try:
+        used_chunk = _stream(model, x, n_samples, chunk_size, memory_budget_mb, progress, None,
+                             sums.update, base=base, comm=comm)
+        shape = tuple(sums.probs.shape) if sums.probs is not None else ()
+        header = [int(sums.probs is not None), used_chunk,
+                  *_dist.pack_shape(shape, sums.dtype or torch.float32)]
+    except Exception as e:  # every rank enters the exchange below; all raise there
+        error = e
+    table = comm.exchange(header or [0] * (_HEADER - 3), error)
+    source = int(table[:, 0].nonzero()[0])
+    used_chunk = int(table[source, 1])
+    shape, dtype = _dist.unpack_shape(table[source, 2:].tolist())
+    n_probs, n_entropy = math.prod(shape), math.prod(shape[:1] + shape[2:])
+    packed = torch.zeros(n_probs + n_entropy, dtype=torch.float64)
+    if sums.probs is not None:
+        packed[:n_probs] = sums.probs.flatten().cpu()
+        packed[n_probs:] = sums.entropy.flatten().cpu()
+    gathered = comm.gather(packed, all_ranks)
+    if gathered is None:
+        return None
+    total = gathered.cpu().sum(0)  # in rank order
+    sum_probs = total[:n_probs].reshape(shape).to(x.device)
+    sum_entropy = total[n_probs:].reshape(shape[:1] + shape[2:]).to(x.device)
+    return _classification_result(sum_probs, sum_entropy, dtype, n_samples, used_chunk)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,12 +535,16 @@ class _Moments:
 
     def update(self, y: Tensor) -> None:
         """Merges a chunk ``y`` of shape ``[c, N, ...]``."""
-        c = y.shape[0]
         y64 = y.double()
         mean_b = y64.mean(0)
-        m2_b = (y64 - mean_b).square_().sum(0)
+        self.merge(y.shape[0], mean_b, (y64 - mean_b).square_().sum(0), y.dtype)
+
+    def merge(self, c: int, mean_b: Tensor, m2_b: Tensor, dtype: torch.dtype) -> None:
+        """Merges the statistics of `c` more samples: their float64 mean and M2."""
+        if c == 0:
+            return
         if self.n == 0:
-            self.n, self.mean, self.m2, self.dtype = c, mean_b, m2_b, y.dtype
+            self.n, self.mean, self.m2, self.dtype = c, mean_b, m2_b, dtype
             return
         n = self.n + c
         delta = mean_b - self.mean
@@ -293,37 +566,71 @@ def _stream(
     progress: Optional[bool],
     seed: Optional[int],
     consume: Callable[[Tensor], None],
+    base: Optional[int] = None,
+    comm: Optional[_dist.Comm] = None,
 ) -> int:
     """Draws `n_samples` outputs of `model` at `x`, passing each chunk ``[c, N, ...]`` to `consume`
-    in order; returns the chunk size used."""
+    in order; returns the chunk size used.
+
+    With `base` (an int), on the chunk grid: chunk j is drawn from generators seeded with
+    ``mix64(base, j)``; with `comm`, only this rank's share of the grid is drawn (the automatic
+    chunk size is the smallest over the ranks, so the grid is the same on every rank).
+    Without `base`, from the generators as they are (seeded once with `seed` if given)."""
     batched = _supports_sampling(model)
     # BayesLinear -> ReLU -> BayesLinear runs of an nn.Sequential in one operator (bnn_fast.fusion).
     steps = fusion.plan(model, x) if batched else None
     done = 0
-    with torch.no_grad(), _seeded(seed, x.device):
+    probe: Optional[Tensor] = None
+    rng = _seeded(seed, x.device) if base is None else _grid_rng(base, x.device)
+    with torch.no_grad(), _without_salt(), rng as reseed:
         if chunk_size is None:
-            # The probe chunk counts as the first sample, so no draw is wasted. It runs the
-            # modules one by one (its hooks see every activation) and does not charge the
-            # activations that a fused run never writes.
-            skip = fusion.fused_modules(steps) if steps is not None else set()
-            y, per_sample_bytes = _probe(model, x, batched, skip)
-            consume(y)
-            done = 1
-            budget = memory_budget_mb * _MB
-            if x.device.type == "cpu":
-                budget = min(budget, _CPU_CHUNK_BYTES)
-            chunk_size = int(budget // per_sample_bytes)
+            error = None
+            try:
+                # The probe chunk counts as the first sample, so no draw is wasted. It runs the
+                # modules one by one (its hooks see every activation) and does not charge the
+                # activations that a fused run never writes.
+                reseed(0)
+                skip = fusion.fused_modules(steps) if steps is not None else set()
+                probe, per_sample_bytes = _probe(model, x, batched, skip)
+                budget = memory_budget_mb * _MB
+                if x.device.type == "cpu":
+                    budget = min(budget, _CPU_CHUNK_BYTES)
+                chunk_size = max(1, int(budget // per_sample_bytes))
+            except Exception as e:  # reported to the other ranks, then raised
+                if comm is None:
+                    raise
+                error = e
+            if comm is not None:
+                chunk_size = int(comm.exchange([chunk_size or 0], error).min())
         chunk_size = max(1, min(chunk_size, n_samples))
+        # The grid: [0, 1) for the probe (if any), then chunks of chunk_size samples.
+        first = 0 if probe is None else 1
+        n_chunks = first + -(-(n_samples - first) // chunk_size)
+
+        def bounds(j: int) -> tuple[int, int]:
+            if j < first:
+                return 0, 1
+            start = first + (j - first) * chunk_size
+            return start, min(start + chunk_size, n_samples)
+
+        mine = range(n_chunks) if comm is None else comm.share(n_chunks)
+        total = bounds(mine[-1])[1] - bounds(mine[0])[0] if mine else 0  # mine is contiguous
         show = progress
         if show is None:
-            show = sys.stderr.isatty() and n_samples > 4 * chunk_size
-        bar = tqdm(total=n_samples, initial=done, unit="sample", desc="predictive",
-                   disable=not show)
+            show = sys.stderr.isatty() and total > 4 * chunk_size
+        if comm is not None:
+            show = show and comm.rank == 0
+        desc = "predictive" if comm is None else f"predictive (rank 0 of {comm.world})"
+        bar = tqdm(total=total, unit="sample", desc=desc, disable=not show)
         with bar:
-            while done < n_samples:
-                c = min(chunk_size, n_samples - done)
-                consume(_draw(model, x, c, batched, bar.update, steps))
-                done += c
+            for j in mine:
+                if j < first:
+                    consume(probe)
+                    bar.update(1)
+                    continue
+                start, end = bounds(j)
+                reseed(j)
+                consume(_draw(model, x, end - start, batched, bar.update, steps))
     return chunk_size
 
 
@@ -418,19 +725,50 @@ def _supports_sampling(model: nn.Module) -> bool:
 
 
 @contextmanager
-def _seeded(seed: Optional[int], device: torch.device) -> Iterator[None]:
-    """Seeds the CPU generator (and `device`'s, if CUDA) with `seed`, restoring them on exit."""
+def _seeded(seed: Optional[int], device: torch.device) -> Iterator[Callable[[int], None]]:
+    """Seeds the CPU generator (and `device`'s, if CUDA) with `seed`, restoring them on exit.
+    Yields a no-op ``reseed(chunk)``: one generator stream serves the whole call."""
     if seed is None:
-        yield
+        yield lambda chunk: None
         return
+    with _forked(device) as reseed:
+        reseed(seed)
+        yield lambda chunk: None
+
+
+@contextmanager
+def _grid_rng(base: int, device: torch.device) -> Iterator[Callable[[int], None]]:
+    """Yields ``reseed(chunk)``, which seeds the CPU generator (and `device`'s, if CUDA) with
+    ``mix64(base, chunk)``; the generators are restored on exit."""
+    with _forked(device) as seed_all:
+        yield lambda chunk: seed_all(_ops.mix64(base, chunk) % (1 << 64))
+
+
+@contextmanager
+def _forked(device: torch.device) -> Iterator[Callable[[int], None]]:
+    """Forks the CPU generator (and `device`'s, if CUDA); yields a function seeding them all."""
     cuda = []
     if device.type == "cuda":
         cuda = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-        torch.default_generator.manual_seed(seed)
+
+    def seed_all(value: int) -> None:
+        torch.default_generator.manual_seed(value)
         for index in cuda:
-            torch.cuda.default_generators[index].manual_seed(seed)
+            torch.cuda.default_generators[index].manual_seed(value)
+
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        yield seed_all
+
+
+@contextmanager
+def _without_salt() -> Iterator[None]:
+    """Suspends bnn_fast.distributed.independent_noise: predictive's samples never depend on
+    the rank."""
+    salt = _ops.set_noise_salt(None)
+    try:
         yield
+    finally:
+        _ops.set_noise_salt(salt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +779,8 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_arguments(model, x, n_samples, chunk_size, memory_budget_mb, progress, seed) -> None:
+def _check_arguments(model, x, n_samples, chunk_size, memory_budget_mb, progress, seed,
+                     all_ranks=True, chunk_seeds=None) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(x, Tensor):
@@ -465,6 +804,10 @@ def _check_arguments(model, x, n_samples, chunk_size, memory_budget_mb, progress
         raise TypeError(f"progress must be True, False or None, got {progress!r}")
     if seed is not None and not _is_int(seed):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not isinstance(all_ranks, bool):
+        raise TypeError(f"all_ranks must be a bool, got {type(all_ranks).__name__}")
+    if chunk_seeds not in (None, True, False):
+        raise TypeError(f"chunk_seeds must be True, False or None, got {chunk_seeds!r}")
 
 
 def _check_quantiles(quantiles) -> Optional[Tensor]:
