@@ -159,16 +159,10 @@ def run_ranks(world: int, threads: int, samples: int, backend: str) -> dict:
 # The suite
 
 
-def git_commit() -> str:
-    """HEAD, with "+dirty" when tracked files have uncommitted changes."""
-    try:
-        def git(*args):
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                                  check=True).stdout.strip()
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+# The rows of the results' measurements, by their key in the summary's median_s.
+CONFIGURATIONS = {"1proc_2threads": "1 process x 2 threads", "2procs_1thread": "2 gloo processes x 1 thread",
+                  "1proc_1thread": "1 process x 1 thread", "plain": "1 process, no group",
+                  "nccl_world1": "NCCL group of 1"}
 
 
 def bench_cpu(args, samples: int, rounds: int) -> tuple[list, dict]:
@@ -265,7 +259,6 @@ def main(argv=None) -> None:
     rows, summary = bench(args, samples, rounds)
     info = harness.machine_info(args)
     info["threads"] = "see the table (set per configuration)"
-    info["git_commit"] = git_commit()
     busy1, own1 = harness.cpu_seconds()
     info["run_wall_seconds"] = round(time.perf_counter() - started, 1)
     # CPU time of this process's children (the ranks) is not in own: only the parent's.
@@ -293,8 +286,15 @@ def main(argv=None) -> None:
     print(markdown)
     harness.RESULTS_DIR.mkdir(exist_ok=True)
     stem = harness.RESULTS_DIR / f"distributed_{args.device}"
+    label = f"Predictive, the seed article's network, {samples:,} samples, 300 points ({args.device})"
+    measurements = [{"label": label, "sub_label": CONFIGURATIONS[key], "description": "median",
+                     "median_s": value, "number_per_run": 1, "blocks": rounds}
+                    for key, value in summary["median_s"].items()]
+    header = ["configuration", "time", "per sample", "CPU time (all threads)"]
     stem.with_suffix(".json").write_text(json.dumps(
-        {"suite": "distributed", "machine": info, "results": summary}, indent=2) + "\n")
+        {"suite": "distributed", "machine": info, "measurements": measurements,
+         "tables": {"Configurations": [dict(zip(header, row)) for row in rows]},
+         "results": summary}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown)
     print(f"wrote {stem}.json and {stem}.md")
 

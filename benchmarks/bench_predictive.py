@@ -157,7 +157,7 @@ def bmm_anchor(model, x, n_samples, chunk):
 
 
 ANCHORS = {"vmap(functional_call)": vmap_anchor, "batched matmuls": bmm_anchor}
-ANCHOR_CHUNKS = (10, 50, 200, 1000)
+ANCHOR_CHUNKS = (2, 5, 10, 50, 200, 1000)
 ANCHOR_SWEEP_SAMPLES = 2000
 
 

@@ -282,11 +282,11 @@ class Runner:
         self.started = time.perf_counter(), cpu_seconds()
         torch.set_num_threads(args.threads)
 
-    def measure_interleaved(self, cases: list[Case], rounds: int) -> None:
-        """Times each case once per round, the cases alternating within a round, and keeps the
-        `rounds` times of each (median over rounds). For cases that take seconds, where a slow
-        drift of the machine would otherwise fall on whichever case ran last; one untimed round
-        first warms every case up. --rounds overrides `rounds`."""
+    def measure_interleaved(self, cases: list[Case], rounds: int, number: int = 1) -> None:
+        """Times each case once per round (`number` calls, averaged), the cases alternating within
+        a round, and keeps the `rounds` times of each (median over rounds). For cases compared by
+        a ratio, where a slow drift of the machine would otherwise fall on whichever case ran
+        last; one untimed round first warms every case up. --rounds overrides `rounds`."""
         rounds = self.args.rounds or rounds
         timers = [
             benchmark.Timer(stmt="stmt()", globals={"stmt": c.stmt}, label=c.label, sub_label=c.sub_label,
@@ -298,7 +298,7 @@ class Runner:
         runs = [[] for _ in cases]
         for _ in range(rounds):
             for timer, times in zip(timers, runs):
-                times.append(timer.timeit(number=1))
+                times.append(timer.timeit(number=number))
         for case, times in zip(cases, runs):
             (m,) = benchmark.Measurement.merge(times)
             self.measurements.append(m)

@@ -256,6 +256,13 @@ HEADLINES = [
              speedup(TRAIN, r"\d+ steps", "torchbnn", show_column=True)),
     Headline("Training: the regression demo, `bnn.fuse(model)`", "torchbnn", "predictive",
              speedup(TRAIN, r"\d+ steps", "torchbnn", "bnn_fast fuse()", show_column=True)),
+    *[Headline(f"The demo's script as written (import swapped): {what}, {load}", "torchbnn", "contention",
+               speedup(label, load, "torchbnn"))
+      for what, label in (("300 training steps", "Article training, 300 steps"),
+                          ("its loop of 2,000 forward passes", "Article prediction loop, 2000 passes"))
+      for load in ("quiet", "1 busy process")],
+    *[Headline(f"Training step, {model}", "torchbnn", "small_models", speedup("training step", model, "torchbnn"))
+      for model in ("mlp 4-128-128-3, batch 32", "cnn 28x28, batch 32")],
     Headline("KL forward+backward, 10.5M parameters", "torchbnn", "kl",
              speedup("KL forward+backward", "10.5M params", "torchbnn")),
     *LINEAR_HEADLINES,
