@@ -10,7 +10,8 @@ the article's code as written, with only the import differing:
   0.01 * BKLLoss), after 20 untimed steps;
 - prediction: the article's loop `np.array([model(x_test).data.numpy() for k in range(n)])` on
   300 points, grad mode on as written (n = 2,000 passes: a fifth of the article's 10,000, so a
-  busy run stays short), after 20 untimed passes.
+  busy run stays short), after 20 untimed passes; also the process's peak resident memory and
+  the resident memory the loop added per kept output (each output holds 1,200 bytes of data).
 
 Under three loads: quiet, one busy process, two busy processes. A busy process is a pure-Python
 spin loop pinned to nothing, started before the measurement and told to stop after a deadline
@@ -38,7 +39,10 @@ SPIN = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.tim
 
 
 def child(lib_name: str, threads: int, train_steps: int, passes: int) -> None:
-    """The article's code with `import <lib_name> as bnn`; prints {"train_s", "predict_s"}."""
+    """The article's code with `import <lib_name> as bnn`; prints {"train_s", "predict_s",
+    "peak_rss_mb", "rss_per_kept_output_kb"}."""
+    import resource
+
     import numpy as np
     import torch
     import torch.nn as nn
@@ -75,11 +79,21 @@ def child(lib_name: str, threads: int, train_steps: int, passes: int) -> None:
 
     x_test = torch.unsqueeze(torch.linspace(-2, 2, 300), dim=1)
     np.array([model(x_test).data.numpy() for k in range(WARM_UP)])
+
+    def resident_bytes():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    rss_before = resident_bytes()
     start = time.perf_counter()
-    models_result = np.array([model(x_test).data.numpy() for k in range(passes)])
+    kept = [model(x_test).data.numpy() for k in range(passes)]
     predict_s = time.perf_counter() - start
+    rss_per_kept = (resident_bytes() - rss_before) / passes
+    models_result = np.array(kept)
     assert models_result.shape == (passes, 300, 1)
-    print(json.dumps({"train_s": train_s, "predict_s": predict_s}))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"train_s": train_s, "predict_s": predict_s, "peak_rss_mb": peak_mb,
+                      "rss_per_kept_output_kb": rss_per_kept / 1024}))
 
 
 def run_child(lib: str, args) -> dict:
@@ -107,7 +121,8 @@ def measure(args) -> dict:
                     t = run_child(lib, args)
                     times[load, lib].append(t)
                     print(f"  {load:17s} round {r + 1}: {lib:9s} train {t['train_s']:.2f} s, "
-                          f"predict {t['predict_s']:.2f} s", flush=True)
+                          f"predict {t['predict_s']:.2f} s, peak RSS {t['peak_rss_mb']:.0f} MB, "
+                          f"{t['rss_per_kept_output_kb']:.1f} KB per kept output", flush=True)
         finally:
             for p in busy:
                 p.kill()
@@ -152,6 +167,11 @@ def main(argv=None):
             targets.append({"target": f"{name}, {load}: torchbnn's slowdown / bnn_fast's",
                             "value": slow["torchbnn"] / slow["bnn_fast"], "op": ">=", "threshold": 1.0,
                             "met": slow["torchbnn"] >= slow["bnn_fast"]})
+    memory_header = ["library", "peak RSS (MB, median over rounds and loads)",
+                     "resident memory added per kept output (KB, median)"]
+    memory_rows = [[lib, f"{statistics.median(t['peak_rss_mb'] for load in LOADS for t in times[load, lib]):.0f}",
+                    f"{statistics.median(t['rss_per_kept_output_kb'] for load in LOADS for t in times[load, lib]):.1f}"]
+                   for lib in LIBRARIES]
     header = ["workload, load", "bnn_fast slowdown", "torchbnn slowdown", "bnn_fast speedup vs torchbnn (loaded)"]
     speedups = [{"label": m["label"], "description": m["description"], "sub_label": m["sub_label"],
                  "baseline": "torchbnn", "speedup": medians[m["description"], "torchbnn",
@@ -165,10 +185,13 @@ def main(argv=None):
     result = {"suite": "contention", "machine": info, "quick": args.quick, "rounds": args.rounds,
               "measurements": measurements, "speedups": speedups,
               "tables": {"Slowdown under load (median loaded / median quiet, same run)":
-                         [dict(zip(header, r)) for r in rows]},
+                         [dict(zip(header, r)) for r in rows],
+                         f"Memory of the prediction loop as written ({args.passes} kept outputs)":
+                         [dict(zip(memory_header, r)) for r in memory_rows]},
               "targets": targets}
     lines = [f"# `contention` benchmark on cpu", ""] + [f"- {k}: {v}" for k, v in info.items()]
     lines += ["", "## Slowdown under load", "", harness.markdown_table(header, rows), ""]
+    lines += ["## Memory of the prediction loop as written", "", harness.markdown_table(memory_header, memory_rows), ""]
     lines += ["## Medians", "", harness.markdown_table(
         ["workload", "library", "load", "median"],
         [[m["label"], m["sub_label"], m["description"], harness.format_time(m["median_s"], m["iqr_s"])]
