@@ -64,9 +64,13 @@ def test_cache_limit_and_release(monkeypatch):
 
 
 def test_cache_limit_must_be_a_number(monkeypatch):
+    big = torch.ones(1 << 20)  # a cached block, freed below under the bad setting
     monkeypatch.setenv("BNN_FAST_CPU_CACHE_MB", "lots")
     with pytest.raises(ValueError, match="BNN_FAST_CPU_CACHE_MB"):
         step(big_layer(2), torch.randn(1, 64, 600), 1)
+    with pytest.raises(ValueError, match="BNN_FAST_CPU_CACHE_MB"):
+        torch.empty(1 << 20)  # PyTorch's own large allocations report it too
+    del big  # the deleter must not throw: the block is unmapped, not kept
 
 
 def test_cached_gradients_accumulate_in_training(monkeypatch):

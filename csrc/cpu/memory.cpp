@@ -109,11 +109,21 @@ void* take_block(size_t bytes) {
   return p;
 }
 
+// cache_limit() for the deleters, which must not throw: a malformed setting keeps nothing (the
+// next allocation reports it).
+size_t cache_limit_or_zero() noexcept {
+  try {
+    return cache_limit();
+  } catch (...) {
+    return 0;
+  }
+}
+
 // Takes back a block of `bytes`; the caller holds the lock. Returns whether the cache kept it
 // (else the caller unmaps it, after releasing the lock).
 bool keep_block(Cache& c, void* p, size_t bytes) {
   c.in_use -= bytes;
-  const bool keep = c.cached + bytes <= cache_limit();
+  const bool keep = c.cached + bytes <= cache_limit_or_zero();
   if (keep) {
     c.free_blocks[bytes].push_back(p);
     c.cached += bytes;
