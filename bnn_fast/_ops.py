@@ -214,8 +214,7 @@ def new_seed() -> int:
 if _LOADED:
     from . import _C as _c_module
 
-    _c_new_seed = _c_module.new_seed
-    new_seed = _c_new_seed  # noqa: F811
+    new_seed = _c_module.new_seed  # noqa: F811
 
 
 def mix64(a: int, b: int) -> int:
@@ -241,10 +240,12 @@ def _salted_new_seed() -> int:
 def set_noise_salt(salt: Optional[int]) -> Optional[int]:
     """Sets the salt every new_seed() draw is mixed with (None: off) and returns the previous
     one. While it is off, new_seed stays the bare draw (the C function with the extension), so
-    the layers pay nothing for the option; the generator advances the same either way."""
+    the layers pay nothing for the option; the generator advances the same either way. The
+    salted draw is a Python function, kept out of torch.compile's tracing as the C draw is (this
+    imports torch._dynamo, once, when a salt is first set)."""
     global noise_salt, new_seed
     previous, noise_salt = noise_salt, salt
-    new_seed = _plain_new_seed if salt is None else _salted_new_seed
+    new_seed = _plain_new_seed if salt is None else torch.compiler.disable(_salted_new_seed)
     return previous
 
 
