@@ -378,9 +378,12 @@ def test_inference_both_cpu_paths_equal_reference(monkeypatch, simd, max_rows, N
     monkeypatch.setenv("BNN_FAST_CPU_SIMD", simd)
     monkeypatch.setenv("BNN_FAST_CPU_FUSED_MAX_ROWS", max_rows)
     mu, ls, bmu, bls = make_layer(19, in_f, torch.float32, "cpu")
-    x = torch.randn(2, N, in_f)
+    x = torch.randn(2, N, in_f, generator=torch.Generator().manual_seed(N * in_f))
     got = torch.ops.bnn_fast.bayes_linear_inference(x, mu, ls, bmu, bls, 21, 2)
-    torch.testing.assert_close(got, reference_with_kernel_noise(x, mu, ls, bmu, bls, 21, 2), **TOL[torch.float32])
+    # Dot products of over a thousand float32 terms summed in another order than the GEMM's (as
+    # in test_inference_equals_reference): outputs of about 10 differ by a few 1e-5.
+    tol = dict(rtol=1e-4, atol=1e-4) if in_f > 1000 else TOL[torch.float32]
+    torch.testing.assert_close(got, reference_with_kernel_noise(x, mu, ls, bmu, bls, 21, 2), **tol)
 
 
 # BNN_FAST_CPU_SAVE_WEIGHT=0: the CPU forward keeps no sampled weight and the backward samples it
