@@ -81,8 +81,10 @@ void* fresh_block(size_t bytes) {
   return p;
 }
 
-// A block of `bytes` (a block_size) from the cache, else a fresh one.
-void* take_block(size_t bytes) {
+// A block for `nbytes` from the cache, else a fresh one, recorded as live (delete_any gives it
+// back).
+void* take_block(size_t nbytes) {
+  const size_t bytes = block_size(nbytes);
   Cache& c = the_cache();
   {
     std::lock_guard<std::mutex> lock(c.mutex);
@@ -92,6 +94,7 @@ void* take_block(size_t bytes) {
       it->second.pop_back();
       c.cached -= bytes;
       c.in_use += bytes;
+      c.live.emplace(p, bytes);
       report(p, int64_t(bytes), c);
       return p;
     }
@@ -105,6 +108,7 @@ void* take_block(size_t bytes) {
                    bytes, " bytes");
   std::lock_guard<std::mutex> lock(c.mutex);
   c.in_use += bytes;
+  c.live.emplace(p, bytes);
   report(p, int64_t(bytes), c);
   return p;
 }
@@ -132,23 +136,13 @@ bool keep_block(Cache& c, void* p, size_t bytes) {
   return keep;
 }
 
-// The deleter of empty_large's tensors.
-void give_back(void* p, size_t bytes) {
-  Cache& c = the_cache();
-  bool keep;
-  {
-    std::lock_guard<std::mutex> lock(c.mutex);
-    keep = keep_block(c, p, bytes);
-  }
-  if (!keep) munmap(p, bytes);
-}
-
 // ---- the allocator -----------------------------------------------------------------------------
 
 c10::Allocator* g_base = nullptr;  // the CPU allocator it replaced; serves the small requests
 
-// The deleter of every pointer the allocator hands out, its blocks and (through raw_allocate)
-// the base allocator's: a pointer it does not know is the base's.
+// The deleter of every block (empty_large's tensors, the allocator's DataPtrs) and, through the
+// allocator's raw_allocate, of the base allocator's pointers: a pointer it does not know is the
+// base's.
 void delete_any(void* p) {
   if (p == nullptr) return;
   Cache& c = the_cache();
@@ -174,13 +168,7 @@ class CachingAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
     if (n < size_t(kCacheMinBytes) || cache_limit() == 0) return g_base->allocate(n);
-    const size_t bytes = block_size(n);
-    void* p = take_block(bytes);
-    {
-      Cache& c = the_cache();
-      std::lock_guard<std::mutex> lock(c.mutex);
-      c.live.emplace(p, bytes);
-    }
+    void* p = take_block(n);
     return {p, p, &delete_any, c10::Device(c10::DeviceType::CPU)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &delete_any; }
@@ -202,10 +190,7 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
     advise_huge_pages(t);
     return t;
   }
-  const size_t bytes = block_size(size_t(nbytes));
-  void* p = take_block(bytes);
-  return at::from_blob(
-      p, sizes, [bytes](void* q) { give_back(q, bytes); }, options.device(at::kCPU));
+  return at::from_blob(take_block(size_t(nbytes)), sizes, delete_any, options.device(at::kCPU));
 }
 
 bool install_allocator() {
