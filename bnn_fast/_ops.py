@@ -29,7 +29,7 @@ from . import reference
 __all__ = [
     "backend", "BackendInfo", "extension_loaded", "use_kernels", "reference_path", "kernel_dtype",
     "gaussian_kl", "normal", "bayes_linear", "bayes_linear_local", "bayes_linear_flipout", "new_seed",
-    "bayes_mlp_inference", "bayes_mlp", "has_kernel",
+    "bayes_mlp_inference", "bayes_mlp", "has_kernel", "sample_gaussian",
 ]
 
 _U64 = 1 << 64
@@ -329,6 +329,54 @@ def normal(
         torch.ops.bnn_fast.fill_normal_(out, _to_i64(seed), _to_i64(stream), int(offset))
         return out
     return reference.normal(shape, seed % _U64, stream % _U64, dtype, device, offset)
+
+
+# ----------------------------------------------------------------------------------------------
+# sample_gaussian: reparameterized samples of a parameter of any shape
+
+
+def sample_gaussian(
+    mu: Optional[Tensor],
+    log_sigma: Tensor,
+    seed: int,
+    stream: int = 0,
+    n_samples: int = 1,
+) -> Tensor:
+    """`n_samples` reparameterized samples of a Gaussian parameter of any shape, differentiable in
+    `mu` and `log_sigma`: ``out[s] = mu + exp(log_sigma) * eps_s`` with
+    ``eps_s.flatten()[j] = normal(seed, stream, s * numel + j)`` (the RNG contract, as
+    :func:`bayes_linear` samples its weight). A `mu` of None gives the perturbation
+    ``exp(log_sigma) * eps_s`` alone.
+
+    The backward, ``grad_mu = sum_s g_s`` and ``grad_log_sigma = sum_s g_s * exp(log_sigma) *
+    eps_s``, regenerates eps from ``(seed, stream)``: nothing but `log_sigma` is kept for
+    autograd.
+
+    Shape:
+        mu, log_sigma: ``[*]`` (equal shapes, dtypes and devices). Output: ``[n_samples, *]``.
+    Raises:
+        TypeError: `log_sigma` (or `mu`) not a floating-point tensor, or dtypes that differ.
+        ValueError: shapes or devices that differ, `n_samples` < 0.
+    """
+    if not isinstance(log_sigma, Tensor) or not log_sigma.is_floating_point():
+        raise TypeError("sample_gaussian: log_sigma must be a floating-point tensor, got "
+                        + (str(log_sigma.dtype) if isinstance(log_sigma, Tensor) else type(log_sigma).__name__))
+    if mu is not None and (mu.dtype != log_sigma.dtype or mu.shape != log_sigma.shape
+                           or mu.device != log_sigma.device):
+        if not isinstance(mu, Tensor):
+            raise TypeError(f"sample_gaussian: mu must be a tensor or None, got {type(mu).__name__}")
+        if mu.dtype != log_sigma.dtype:
+            raise TypeError(f"sample_gaussian: mu has dtype {mu.dtype}, log_sigma {log_sigma.dtype}; they must match")
+        if mu.shape != log_sigma.shape:
+            raise ValueError(f"sample_gaussian: mu has shape {tuple(mu.shape)}, log_sigma "
+                             f"{tuple(log_sigma.shape)}; they must match")
+        raise ValueError(f"sample_gaussian: mu is on {mu.device}, log_sigma on {log_sigma.device}; they must match")
+    n_samples = int(n_samples)
+    if n_samples < 0:
+        raise ValueError(f"sample_gaussian: n_samples must be >= 0, got {n_samples}")
+    eps = normal((n_samples,) + tuple(log_sigma.shape), seed, stream, dtype=log_sigma.dtype,
+                 device=log_sigma.device)
+    return reference.sample_gaussian(mu, log_sigma, eps)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ __all__ = [
     "philox4x32_10",
     "normal",
     "sample_weight",
+    "sample_gaussian",
     "bayes_linear",
     "bayes_mlp",
 ]
@@ -137,6 +138,13 @@ def normal(
 def sample_weight(mu: Tensor, log_sigma: Tensor, eps: Tensor) -> Tensor:
     """mu + exp(log_sigma) * eps, broadcasting eps of shape [S, *mu.shape]."""
     return mu + torch.exp(log_sigma) * eps
+
+
+def sample_gaussian(mu: Optional[Tensor], log_sigma: Tensor, eps: Tensor) -> Tensor:
+    """The twin of ``bnn_fast::sample_gaussian``: ``mu + exp(log_sigma) * eps`` (``exp(log_sigma) *
+    eps`` for a `mu` of None), with eps of shape ``[S, *log_sigma.shape]``; output ``[S, *]``."""
+    perturbation = torch.exp(log_sigma) * eps
+    return perturbation if mu is None else mu + perturbation
 
 
 def bayes_linear(
