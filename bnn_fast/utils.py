@@ -6,11 +6,11 @@ import sys
 
 import torch
 
-from .modules import BayesBatchNorm2d, BayesConv2d, BayesLinear
+from .modules.module import BayesLayer
 
 __all__ = ["freeze", "unfreeze", "transform_model", "retain_cpu_memory", "cpu_cache_info", "release_cpu_cache"]
 
-_BAYES_LAYERS = (BayesLinear, BayesConv2d, BayesBatchNorm2d)
+_BAYES_LAYERS = (BayesLayer,)
 
 
 def freeze(module):
