@@ -11,6 +11,7 @@ from . import modules, functional, utils
 from .modules import *  # noqa: F401,F403  (torchbnn's surface: BayesLinear, BayesConv2d, ...)
 from .modules import BayesLinear, BayesConv2d, BayesBatchNorm2d, BKLLoss
 from .utils import freeze, unfreeze, transform_model
+from .conversion import to_bayesian, to_deterministic
 from . import estimators
 from .estimators import estimator
 from .fusion import FusedSequential, fuse
