@@ -38,6 +38,24 @@ def _kernel_dtype(tensors):
     return [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors]
 
 
+def _kl_loss(mu_0, log_sigma_0, mu_1, log_sigma_1):
+    r"""torchbnn's ``functional._kl_loss``: the summed KL divergence
+    :math:`\sum_i KL(N(\mu_{0,i}, \sigma_{0,i}^2) \,\|\, N(\mu_1, \sigma_1^2))`.
+
+    Args:
+        mu_0 (Tensor): means of the first Gaussians.
+        log_sigma_0 (Tensor): their log standard deviations, of `mu_0`'s shape, dtype and device.
+        mu_1 (float): mean of the second Gaussian, shared by every element.
+        log_sigma_1 (float): its log standard deviation.
+
+    Returns:
+        A differentiable 0-dim tensor of `mu_0`'s dtype, on its device (half and bfloat16 are
+        summed in float32).
+    """
+    kl = _ops.gaussian_kl(_kernel_dtype([mu_0]), _kernel_dtype([log_sigma_0]), mu_1, log_sigma_1)
+    return kl if kl.dtype == mu_0.dtype else kl.to(mu_0.dtype)
+
+
 def _kl(layers, reduction):
     """KL of `layers`, (layer, mus, log_sigmas) triples: one gaussian_kl call per distinct prior
     (and per dtype and device, which one call cannot mix).
