@@ -9,7 +9,10 @@ from . import _ops, reference
 from ._ops import BackendInfo, backend, normal, reference_path
 from . import modules, functional, utils
 from .modules import *  # noqa: F401,F403  (torchbnn's surface: BayesLinear, BayesConv2d, ...)
-from .modules import BayesLinear, BayesConv2d, BayesBatchNorm2d, BKLLoss
+from .modules import (
+    BayesLinear, BayesConv1d, BayesConv2d, BayesConv3d, BayesConvTranspose1d, BayesConvTranspose2d,
+    BayesConvTranspose3d, BayesBatchNorm1d, BayesBatchNorm2d, BayesBatchNorm3d, BKLLoss, BayesModule,
+)
 from .utils import freeze, unfreeze, transform_model
 from .conversion import to_bayesian, to_deterministic
 from . import estimators

@@ -5,13 +5,15 @@ import torch
 
 from . import _ops
 from .modules._common import gaussian_names
-from .modules.batchnorm import BayesBatchNorm2d
-from .modules.conv import BayesConv2d
-from .modules.linear import BayesLinear
+from .modules.module import BayesLayer
+# Unused here: torchbnn's functional star-imports torchbnn.modules, so its import path holds them.
+from .modules.batchnorm import BayesBatchNorm2d  # noqa: F401
+from .modules.conv import BayesConv2d  # noqa: F401
+from .modules.linear import BayesLinear  # noqa: F401
 
 __all__ = ["bayesian_kl_loss"]
 
-_BAYES_LAYERS = (BayesLinear, BayesConv2d, BayesBatchNorm2d)
+_BAYES_LAYERS = (BayesLayer,)
 _REDUCTIONS = ("mean", "sum")
 
 
@@ -106,8 +108,8 @@ def _kl(layers, reduction):
 def bayesian_kl_loss(model, reduction="mean", last_layer_only=False):
     r"""The KL divergence of a model's Bayesian weights from their Gaussian priors, in closed form.
 
-    For every Bayesian layer (:class:`BayesLinear`, :class:`BayesConv2d` and an affine
-    :class:`BayesBatchNorm2d`) and each of its weight and bias,
+    For every Bayesian layer (:class:`BayesLinear`, the convolutions and the affine batch
+    norms: every :class:`~bnn_fast.modules.module.BayesLayer`) and each of its weight and bias,
     :math:`\sum_i KL(N(\mu_i, \sigma_i^2) \,\|\, N(\text{prior\_mu}, \text{prior\_sigma}^2))`.
 
     Args:

@@ -19,14 +19,21 @@ S, N = 3, 2
 
 @pytest.fixture
 def known_noise(monkeypatch):
-    """Records the noise the layers draw: a dict stream -> the last tensor drawn on it."""
+    """Records the noise the layers draw: a dict stream -> the last noise tensor drawn on it,
+    whether drawn by the sampling operator (patched to draw with torch.randn here) or, on the
+    pure-PyTorch path, by _common.draw_normal."""
     drawn = {}
 
     def draw_normal(shape, seed, stream, like):
         drawn[stream] = torch.randn(shape, dtype=like.dtype, device=like.device)
         return drawn[stream]
 
+    def sample_gaussian(mu, log_sigma, seed, stream=0, n_samples=1):
+        eps = draw_normal((n_samples,) + tuple(log_sigma.shape), seed, stream, log_sigma)
+        return bnn_fast.reference.sample_gaussian(mu, log_sigma, eps)
+
     monkeypatch.setattr(_common, "draw_normal", draw_normal)
+    monkeypatch.setattr(_ops, "sample_gaussian", sample_gaussian)
     return drawn
 
 

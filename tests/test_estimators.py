@@ -299,7 +299,7 @@ def test_the_constructor_argument_selects_the_estimator():
 
 def test_the_estimator_argument_is_keyword_only():
     with pytest.raises(TypeError):
-        BayesLinear(0, 0.1, 5, 3, True, "local")
+        BayesLinear(0, 0.1, 5, 3, True, None, None, "local")
 
 
 def test_the_block_overrides_the_layers_choice_and_nests():

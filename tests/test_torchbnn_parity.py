@@ -59,8 +59,11 @@ def public_attributes(module):
 # API surface
 
 
-# Our keyword-only additions to torchbnn's signatures.
-EXTRA_KEYWORDS = {"BayesLinear": ["estimator"]}
+# Our additions to torchbnn's signatures: torch.nn's device and dtype (positional, as in
+# torch.nn, default None), then keyword-only arguments.
+FACTORY = ["device", "dtype"]
+EXTRA_KEYWORDS = {"BayesLinear": ["estimator"], "BayesConv2d": ["estimator"],
+                  "BayesBatchNorm2d": ["bias"]}
 
 
 @pytest.mark.parametrize("path", [
@@ -75,9 +78,12 @@ def test_signature_matches_torchbnn(path):
     theirs = list(inspect.signature(theirs).parameters.values())
     # torchbnn's parameters, positions and defaults included, then only our keyword-only additions.
     assert ours[:len(theirs)] == theirs
-    extra = [(p.name, p.kind) for p in ours[len(theirs):]]
-    keyword_only = inspect.Parameter.KEYWORD_ONLY
-    assert extra == [(name, keyword_only) for name in EXTRA_KEYWORDS.get(path, [])]
+    extra = [(p.name, p.kind, p.default) for p in ours[len(theirs):]]
+    keyword_only, positional = inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD
+    factory = [(name, positional, None) for name in FACTORY] if path.startswith("Bayes") and path != "BKLLoss" else []
+    keywords = [(p[0], p[1]) for p in extra[len(factory):]]
+    assert extra[:len(factory)] == factory
+    assert keywords == [(name, keyword_only) for name in EXTRA_KEYWORDS.get(path, [])]
 
 
 @pytest.mark.parametrize("frozen", [False, True])
@@ -147,12 +153,14 @@ def test_frozen_forward_matches_torchbnn(case):
 def test_batchnorm_eval_forward_matches_torchbnn(case):
     ours, theirs = make(bnn_fast, case), make(torchbnn, case)
     x = make_input(case)
-    for module in (ours, theirs):
-        torch.manual_seed(3)
-        module(x)  # one training step moves the running statistics
-        module.eval()
-    torch.manual_seed(4)
-    y_ours = ours(x + 1)
+    # torchbnn's draws are the reference path's (the compiled path samples counter-based noise).
+    with bnn_fast.reference_path():
+        for module in (ours, theirs):
+            torch.manual_seed(3)
+            module(x)  # one training step moves the running statistics
+            module.eval()
+        torch.manual_seed(4)
+        y_ours = ours(x + 1)
     torch.manual_seed(4)
     torch.testing.assert_close(y_ours, theirs(x + 1), rtol=0, atol=0)
 

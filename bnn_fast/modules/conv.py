@@ -1,232 +1,309 @@
+r"""Bayesian convolutions: :class:`BayesConv1d`, :class:`BayesConv2d`, :class:`BayesConv3d` and
+the transposed :class:`BayesConvTranspose1d`, :class:`BayesConvTranspose2d`,
+:class:`BayesConvTranspose3d`.
+
+Every kernel weight and bias is a Gaussian, :math:`W = \mu + \exp(\log\sigma) \cdot \epsilon`,
+drawn afresh on each forward pass unless the layer is frozen. With the compiled extension the
+weights are drawn by the operator ``bnn_fast::sample_gaussian`` (the counter-based RNG, weight
+noise on stream 0 and bias noise on stream 1 of one fresh seed per forward pass), whose backward
+regenerates the noise: autograd keeps the sampled weight the convolution needs and nothing else
+(no ``eps``, no ``sigma``). On the pure-PyTorch path (no extension, or inside
+:func:`bnn_fast.reference_path`), and while frozen, the layers draw as torchbnn does
+(``torch.randn_like``, weight then bias), so a ``BayesConv2d`` reproduces ``torchbnn.BayesConv2d``
+bit for bit under one ``torch.manual_seed``.
+"""
 import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn import Module, Parameter
-from torch.nn.modules.utils import _pair
+from torch import nn
+from torch.nn import Parameter
 
-from .. import sampling
+from .. import _ops, estimators, sampling
 from ._common import (
-    BIAS_STREAM, WEIGHT_STREAM, check_input, freeze_noise, new_noise_seed, reset_uniform,
-    sample_gaussian, sample_noise, unfreeze_noise,
+    BIAS_STREAM, INPUT_SIGNS_STREAM, LOCAL_OUTPUT_STREAM, OUTPUT_SIGNS_STREAM, WEIGHT_STREAM,
+    check_input, draw_normal, new_noise_seed, reset_uniform, sample_gaussian, sample_noise,
 )
+from .module import BayesLayer
 
-__all__ = ["BayesConv2d"]
+__all__ = [
+    "BayesConv1d", "BayesConv2d", "BayesConv3d",
+    "BayesConvTranspose1d", "BayesConvTranspose2d", "BayesConvTranspose3d",
+]
 
-_PADDING_STRINGS = {"same", "valid"}
-_PADDING_MODES = {"zeros", "reflect", "replicate", "circular"}
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_NN = {
+    (1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
+    (1, True): nn.ConvTranspose1d, (2, True): nn.ConvTranspose2d, (3, True): nn.ConvTranspose3d,
+}
 
 
-class BayesConv2d(Module):
-    r"""Applies a Bayesian 2D convolution over an input signal composed of several input planes,
-    with every kernel weight and bias drawn from its own Gaussian on each forward pass.
+class _BayesConvNd(BayesLayer):
+    """The convolutions' common body. Subclasses set ``_dims`` and ``_transposed`` and give the
+    constructor torch.nn's signature."""
 
-    Each weight is :math:`W = \mu + \exp(\log\sigma) \cdot \epsilon`, :math:`\epsilon \sim N(0, 1)`,
-    and likewise the bias; the noise is drawn afresh on every call unless the layer is frozen
-    (see :meth:`freeze`). A drop-in replacement for ``torchbnn.BayesConv2d`` (same arguments,
-    parameter names, initialization and random draws) whose padding behaves exactly as
-    :class:`torch.nn.Conv2d`'s.
-
-    Args:
-        prior_mu (float): mean of the Gaussian prior of every weight and bias.
-        prior_sigma (float): standard deviation of that prior; also the initial sigma.
-        in_channels (int): number of channels in the input image.
-        out_channels (int): number of channels produced by the convolution.
-        kernel_size (int or tuple): size of the convolving kernel.
-        stride (int or tuple, optional): stride of the convolution. Default: 1
-        padding (int, tuple or str, optional): padding added to all four sides of the input, or
-            ``'valid'`` / ``'same'`` as in :class:`torch.nn.Conv2d`. Default: 0
-        dilation (int or tuple, optional): spacing between kernel elements. Default: 1
-        groups (int, optional): number of blocked connections from input channels to output
-            channels. Default: 1
-        bias (bool, optional): if ``False`` (or ``None``), the layer learns no additive bias.
-            Default: ``True``
-        padding_mode (str, optional): ``'zeros'``, ``'reflect'``, ``'replicate'`` or
-            ``'circular'``. Default: ``'zeros'``
-
-    Shape:
-        - Input: :math:`(N, C_{in}, H_{in}, W_{in})` or :math:`(C_{in}, H_{in}, W_{in})`
-        - Output: :math:`(N, C_{out}, H_{out}, W_{out})` or :math:`(C_{out}, H_{out}, W_{out})`,
-          with :math:`H_{out}` and :math:`W_{out}` as for :class:`torch.nn.Conv2d`.
-
-    Attributes:
-        weight_mu, weight_log_sigma: the learnable mean and log standard deviation of the
-            kernel, of shape :math:`(\text{out\_channels},
-            \frac{\text{in\_channels}}{\text{groups}}, \text{kernel\_size[0]},
-            \text{kernel\_size[1]})`, initialized
-            :math:`\mu \sim U(-s, s)` with :math:`s = 1/\sqrt{\text{in\_channels} \cdot
-            \text{kernel\_size[0]}^2}` and :math:`\log\sigma = \log(\text{prior\_sigma})`.
-        bias_mu, bias_log_sigma: the same for the bias, of shape :math:`(\text{out\_channels})`;
-            ``None`` without bias.
-        weight_eps, bias_eps: buffers holding the fixed noise while frozen, ``None`` otherwise.
-        bias (bool): whether the layer has a bias.
-
-    Examples::
-
-        >>> m = BayesConv2d(prior_mu=0, prior_sigma=0.1, in_channels=16, out_channels=33,
-        ...                 kernel_size=3, stride=2)
-        >>> output = m(torch.randn(20, 16, 50, 100))
-        >>> print(output.size())
-        torch.Size([20, 33, 24, 49])
-
-    Inside :func:`bnn_fast.sampling.sample_many` it draws S kernel samples per call and runs
-    them as one grouped convolution (the sample axis folded into the batch, sample-major); the
-    noise then comes from the counter-based RNG when the extension is loaded (``torch.randn``
-    otherwise), and the input must be 4D.
-    """
-
+    _dims = 2
+    _transposed = False
     # Follows the sampling.sample_many protocol.
     _supports_sampling = True
 
-    def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride=1,
-                 padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros"):
-        super().__init__()
-        kernel_size = _pair(kernel_size)
-        stride = _pair(stride)
-        padding = padding if isinstance(padding, str) else _pair(padding)
-        dilation = _pair(dilation)
-        # nn.Conv2d's validation, messages included.
-        if groups <= 0:
-            raise ValueError("groups must be a positive integer")
-        if in_channels % groups != 0:
-            raise ValueError("in_channels must be divisible by groups")
-        if out_channels % groups != 0:
-            raise ValueError("out_channels must be divisible by groups")
-        if isinstance(padding, str):
-            if padding not in _PADDING_STRINGS:
-                raise ValueError(
-                    f"Invalid padding string {padding!r}, should be one of {_PADDING_STRINGS}"
-                )
-            if padding == "same" and any(s != 1 for s in stride):
-                raise ValueError("padding='same' is not supported for strided convolutions")
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, "
-                             f"but got padding_mode='{padding_mode}'")
-
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = kernel_size
-        self.stride = stride
-        self.padding = padding
-        self.dilation = dilation
-        self.transposed = False
-        self.output_padding = _pair(0)
-        self.groups = groups
-        self.padding_mode = padding_mode
-        # F.pad's argument for the non-zeros modes, as nn.Conv2d computes it ('same' puts the odd
-        # pixel on the right and bottom).
-        if padding == "same":
-            totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
-            sides = [(total // 2, total - total // 2) for total in totals]
-        elif padding == "valid":
-            sides = [(0, 0)] * len(kernel_size)
-        else:
-            sides = [(p, p) for p in padding]
-        self._reversed_padding_repeated_twice = [p for side in reversed(sides) for p in side]
+    def _setup(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
+               padding, dilation, groups, bias, padding_mode, output_padding, device, dtype,
+               estimator):
+        # torch.nn's own layer, on the meta device (no memory), validates the arguments with its
+        # own messages and normalizes them (tuples, 'same' padding, F.pad's argument).
+        # torchbnn's rule for bias: only None and False mean "no bias".
+        has_bias = not (bias is None or bias is False)
+        kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
+                      bias=False, padding_mode=padding_mode, device="meta")
+        if self._transposed:
+            kwargs["output_padding"] = output_padding
+        spec = _NN[(self._dims, self._transposed)](in_channels, out_channels, kernel_size, **kwargs)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                     "transposed", "output_padding", "groups", "padding_mode",
+                     "_reversed_padding_repeated_twice"):
+            setattr(self, name, getattr(spec, name))
+        self.estimator = estimator
 
         self.prior_mu = prior_mu
         self.prior_sigma = prior_sigma
         self.prior_log_sigma = math.log(prior_sigma)
 
-        self.weight_mu = Parameter(torch.empty(out_channels, in_channels // groups, *kernel_size))
-        self.weight_log_sigma = Parameter(
-            torch.empty(out_channels, in_channels // groups, *kernel_size)
-        )
+        factory = {"device": device, "dtype": dtype}
+        shape = tuple(spec.weight.shape)
+        self.weight_mu = Parameter(torch.empty(shape, **factory))
+        self.weight_log_sigma = Parameter(torch.empty(shape, **factory))
         self.register_buffer("weight_eps", None)
-
-        # torchbnn's rule: only None and False mean "no bias".
-        self.bias = not (bias is None or bias is False)
+        self.bias = has_bias
         if self.bias:
-            self.bias_mu = Parameter(torch.empty(out_channels))
-            self.bias_log_sigma = Parameter(torch.empty(out_channels))
+            self.bias_mu = Parameter(torch.empty(out_channels, **factory))
+            self.bias_log_sigma = Parameter(torch.empty(out_channels, **factory))
         else:
             self.register_parameter("bias_mu", None)
             self.register_parameter("bias_log_sigma", None)
         self.register_buffer("bias_eps", None)
-
         self.reset_parameters()
 
+    @property
+    def estimator(self):
+        # A layer pickled whole before estimators existed has no _estimator: it was "reparam".
+        return getattr(self, "_estimator", "reparam")
+
+    @estimator.setter
+    def estimator(self, name):
+        self._estimator = estimators.check_estimator(name, f"{type(self).__name__}: estimator")
+
     def reset_parameters(self):
-        # torchbnn's (Adv-BNN's) initialization, fan-in quirks included (groups and
-        # kernel_size[1] are ignored), so that one seed gives both libraries the same parameters.
-        reset_uniform(self, 1.0 / math.sqrt(self.in_channels * self.kernel_size[0] ** 2))
+        # torchbnn's (Adv-BNN's) initialization, mu ~ U(-s, s) and log_sigma = log(prior_sigma),
+        # with s = 1 / sqrt(in_channels * prod(kernel_size)).
+        reset_uniform(self, 1.0 / math.sqrt(self.in_channels * math.prod(self.kernel_size)))
 
-    def freeze(self):
-        r"""Fixes the noise (``weight_eps``, then ``bias_eps``) so that forward is deterministic."""
-        freeze_noise(self)
+    # ---- forward ------------------------------------------------------------------------------
 
-    def unfreeze(self):
-        r"""Drops the fixed noise: every forward draws new noise again."""
-        unfreeze_noise(self)
-
-    def forward(self, input):
+    def forward(self, input, output_size=None):
         self._check_input(input)
-        if sampling.current() is None:
-            return self._forward_reference(input)
-        return self._forward_samples(input)
+        output_padding = self.output_padding
+        if output_size is not None:
+            if not self._transposed:
+                raise TypeError(f"{type(self).__name__}.forward() got an unexpected argument "
+                                "'output_size'")
+            output_padding = self._output_padding_for(input, output_size)
+        frozen = self.weight_eps is not None
+        estimator = "reparam" if frozen else estimators.current() or self.estimator
+        state = sampling.current()
+        seed = None if frozen else new_noise_seed()
+        if state is not None:
+            return self._forward_samples(input, estimator, seed, output_padding)
+        if estimator != "reparam":
+            batched = input.dim() == self._dims + 2
+            x = input.unsqueeze(0) if batched else input.unsqueeze(0).unsqueeze(0)
+            y = self._forward_estimator(x, 1, estimator, seed, output_padding)  # [1, N, out, *]
+            return y.squeeze(0) if batched else y.squeeze(0).squeeze(0)
+        if seed is None:
+            return self._forward_reference(input, output_padding)
+        # The sampling operator: S = 1 sample of the weight and the bias.
+        weight = _ops.sample_gaussian(self.weight_mu, self.weight_log_sigma, seed, WEIGHT_STREAM,
+                                      1).squeeze(0)
+        bias = None
+        if self.bias:
+            bias = _ops.sample_gaussian(self.bias_mu, self.bias_log_sigma, seed, BIAS_STREAM,
+                                        1).squeeze(0)
+        return self._conv(input, weight, bias, self.groups, output_padding)
 
     def _check_input(self, input):
         check_input(self, input, self.weight_mu)
-        if input.dim() not in (3, 4):
+        name, dims = type(self).__name__, self._dims
+        if input.dim() not in (dims + 1, dims + 2):
+            spatial = ", ".join("DHW"[3 - dims:])
             raise ValueError(
-                f"{type(self).__name__}: input must be 4D (N, C, H, W) or 3D (C, H, W), "
-                f"got {input.dim()}D input"
+                f"{name}: input must be {dims + 2}D (N, C, {spatial}) or {dims + 1}D "
+                f"(C, {spatial}), got {input.dim()}D input"
             )
-        if input.shape[-3] != self.in_channels:
+        channels = input.shape[-dims - 1]
+        if channels != self.in_channels:
             raise ValueError(
-                f"{type(self).__name__}: input must have {self.in_channels} channels "
-                f"(in_channels), got {input.shape[-3]} in input of shape {tuple(input.shape)}"
+                f"{name}: input must have {self.in_channels} channels (in_channels), got "
+                f"{channels} (dim {input.dim() - dims - 1} of input of shape {tuple(input.shape)})"
             )
 
-    def _forward_reference(self, input):
+    def _output_padding_for(self, input, output_size):
+        return nn.modules.conv._ConvTransposeNd._output_padding(
+            self, input, output_size, self.stride, self.padding, self.kernel_size, self._dims,
+            self.dilation,
+        )
+
+    def _forward_reference(self, input, output_padding):
         # torchbnn's semantics: weight noise is drawn before bias noise.
         weight = sample_gaussian(self.weight_mu, self.weight_log_sigma, self.weight_eps)
         bias = None
         if self.bias:
             bias = sample_gaussian(self.bias_mu, self.bias_log_sigma, self.bias_eps)
-        return self._conv_forward(input, weight, bias)
+        return self._conv(input, weight, bias, self.groups, output_padding)
 
-    def _forward_samples(self, input):
-        """S kernel samples in one grouped convolution (inside sampling.sample_many).
-
-        Input ``[N or S*N, C, H, W]`` -> ``[S*N, out_channels, H', W']``: sample s convolves its
-        rows (or all N rows of an un-repeated input) with kernel sample s. The S samples become
-        S times the groups: channels ``[s*C, (s+1)*C)`` of an ``[N, S*C, H, W]`` input meet
-        kernels ``[s*out, (s+1)*out)``. Frozen layers use their fixed noise for every sample.
-        """
-        name = type(self).__name__
-        if input.dim() != 4:
-            raise ValueError(
-                f"{name}: under sample_many the input must be 4D (N, C, H, W), "
-                f"got {input.dim()}D input"
-            )
-        x, n_samples = sampling.fold_input(input, name)  # [1 or S, N, C, H, W]
-        seed = new_noise_seed()
-        eps_w = sample_noise(n_samples, self.weight_eps, self.weight_log_sigma, seed, WEIGHT_STREAM)
-        # [S, out, C/groups, kh, kw]
-        weight = sample_gaussian(self.weight_mu, self.weight_log_sigma, eps_w)
-        bias = None
-        if self.bias:
-            eps_b = sample_noise(n_samples, self.bias_eps, self.bias_log_sigma, seed, BIAS_STREAM)
-            bias = sample_gaussian(self.bias_mu, self.bias_log_sigma, eps_b).reshape(-1)  # [S*out]
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            # Padded before the broadcast input is expanded: N rows instead of S*N.
-            rows = F.pad(x.flatten(0, 1), self._reversed_padding_repeated_twice,
-                         mode=self.padding_mode)
-            x, padding = rows.reshape(x.shape[:2] + rows.shape[1:]), _pair(0)
-        n = x.shape[1]
-        x = x.expand(n_samples, *x.shape[1:]).transpose(0, 1).reshape(n, -1, *x.shape[3:])
-        y = F.conv2d(x, weight.flatten(0, 1), bias, self.stride, padding, self.dilation,
-                     n_samples * self.groups)  # [N, S*out, H', W']
-        y = y.reshape(n, n_samples, self.out_channels, *y.shape[2:]).transpose(0, 1)
-        return sampling.unfold_output(y)
+    def _pad(self, x):
+        """`x` padded for a non-zeros padding mode (then the convolution pads nothing)."""
+        return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
 
     def _conv_forward(self, input, weight, bias):
+        """torch.nn's ``_conv_forward``: the layer's convolution of `input` with a given weight."""
+        return self._conv(input, weight, bias, self.groups, self.output_padding)
+
+    def _conv(self, x, weight, bias, groups, output_padding):
+        """torch.nn's convolution of `x` (``[N, C, *]`` or ``[C, *]``) with `weight`."""
+        if self._transposed:
+            if self.padding_mode != "zeros":
+                raise ValueError(
+                    f'Only "zeros" padding mode is supported for {type(self).__name__}'
+                )
+            return _CONV_TRANSPOSE[self._dims](x, weight, bias, self.stride, self.padding,
+                                               output_padding, groups, self.dilation)
+        conv = _CONV[self._dims]
         if self.padding_mode != "zeros":
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(input, weight, bias, self.stride, _pair(0), self.dilation, self.groups)
-        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            return conv(self._pad(x), weight, bias, self.stride, 0, self.dilation, groups)
+        return conv(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def _weight_samples(self, n_samples, seed):
+        """(weight [S, *weight_shape], bias [S, out] or None): S samples; a frozen layer's fixed
+        noise for each, the sampling operator otherwise."""
+        if seed is None:  # frozen, or the pure-PyTorch path
+            eps_w = sample_noise(n_samples, self.weight_eps, self.weight_log_sigma, None,
+                                 WEIGHT_STREAM)
+            weight = sample_gaussian(self.weight_mu, self.weight_log_sigma, eps_w)
+            bias = None
+            if self.bias:
+                eps_b = sample_noise(n_samples, self.bias_eps, self.bias_log_sigma, None,
+                                     BIAS_STREAM)
+                bias = sample_gaussian(self.bias_mu, self.bias_log_sigma, eps_b)
+            return weight, bias
+        weight = _ops.sample_gaussian(self.weight_mu, self.weight_log_sigma, seed, WEIGHT_STREAM,
+                                      n_samples)
+        bias = None
+        if self.bias:
+            bias = _ops.sample_gaussian(self.bias_mu, self.bias_log_sigma, seed, BIAS_STREAM,
+                                        n_samples)
+        return weight, bias
+
+    def _conv_samples(self, x, weight, bias, output_padding):
+        """Sample s of `x` ``[X, N, C, *]`` (X = 1: one input for every sample) convolved with
+        sample s of `weight` ``[S, *weight_shape]`` and `bias` ``[S, out]`` (or None) as one
+        convolution: ``[S, N, out, *]``.
+
+        The S samples become S times the groups, channels ``[s*C, (s+1)*C)`` of an
+        ``[N, S*C, *]`` input meeting kernels ``[s*out, (s+1)*out)``. A shared input without
+        groups needs no copies: one convolution with S*out output channels (a transposed one
+        with S*out/groups... likewise) over its N rows.
+        """
+        n_samples = weight.shape[0]
+        n = x.shape[1]
+        b = None if bias is None else bias.reshape(-1)
+        if x.shape[0] == 1 and self.groups == 1:
+            rows = x[0]
+            if self._transposed:  # weight [S, in, out, *k] -> [in, S*out, *k]
+                w = weight.transpose(0, 1).reshape(weight.shape[1], -1, *weight.shape[3:])
+            else:  # [S*out, in, *k]
+                w = weight.flatten(0, 1)
+            y = self._conv(rows, w, b, 1, output_padding)  # [N, S*out, *]
+        else:
+            if self.padding_mode != "zeros" and not self._transposed:
+                # Padded before the broadcast input is expanded: N rows instead of S*N.
+                padded = self._pad(x.flatten(0, 1))
+                x = padded.reshape(x.shape[:2] + padded.shape[1:])
+            rows = x.expand(n_samples, *x.shape[1:]).transpose(0, 1).reshape(n, -1, *x.shape[3:])
+            w = weight.flatten(0, 1)  # [S*out, C/g, *k] or, transposed, [S*in, out/g, *k]
+            if self.padding_mode != "zeros" and not self._transposed:
+                conv = _CONV[self._dims]
+                y = conv(rows, w, b, self.stride, 0, self.dilation, n_samples * self.groups)
+            else:
+                y = self._conv(rows, w, b, n_samples * self.groups, output_padding)
+        return y.reshape(n, n_samples, self.out_channels, *y.shape[2:]).transpose(0, 1)
+
+    def _forward_samples(self, input, estimator, seed, output_padding):
+        """S samples in one pass (inside sampling.sample_many): ``[N or S*N, C, *]`` ->
+        ``[S*N, out, *]``, sample s from weight sample s (sample-major)."""
+        name = type(self).__name__
+        if input.dim() != self._dims + 2:
+            spatial = ", ".join("DHW"[3 - self._dims:])
+            raise ValueError(
+                f"{name}: under sample_many the input must be {self._dims + 2}D "
+                f"(N, C, {spatial}), got {input.dim()}D input"
+            )
+        x, n_samples = sampling.fold_input(input, name)  # [1 or S, N, C, *]
+        if estimator != "reparam":
+            y = self._forward_estimator(x, n_samples, estimator, seed, output_padding)
+        else:
+            weight, bias = self._weight_samples(n_samples, seed)
+            y = self._conv_samples(x, weight, bias, output_padding)
+        return sampling.unfold_output(y)
+
+    # ---- local reparameterization and flipout ---------------------------------------------------
+
+    def _forward_estimator(self, x, n_samples, estimator, seed, output_padding):
+        """The "local" or "flipout" estimator on `x` ``[X, N, C, *]`` (X = 1 or S; an unbatched
+        ``[1, C, *]`` input works too): ``[S, N, out, *]``. PyTorch compositions of torch's
+        convolutions over the counter-based noise of `seed` (``torch.randn`` when None)."""
+        like = self.weight_mu
+        rows = x.flatten(0, 1)
+        mean = self._conv(rows, self.weight_mu, self.bias_mu, self.groups, output_padding)
+        mean = mean.reshape(x.shape[:2] + mean.shape[1:])  # [X, N, out, *]
+        if estimator == "local":
+            # Each output element from its exact Gaussian: the variance is the convolution of
+            # x^2 with sigma^2 (padding zeros, or the padded x squared).
+            var = self._conv(rows * rows, torch.exp(2.0 * self.weight_log_sigma),
+                             torch.exp(2.0 * self.bias_log_sigma) if self.bias else None,
+                             self.groups, output_padding)
+            var = var.reshape(mean.shape)
+            shape = (n_samples,) + tuple(mean.shape[1:])
+            eps = draw_normal(shape, seed, LOCAL_OUTPUT_STREAM, like)
+            # A zero input patch without bias has var = 0; the floor keeps sqrt's gradient finite
+            # (as the linear layer's "local" does).
+            std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+            return mean + std * eps
+        # Flipout: one weight perturbation per sample, sign-flipped per input and output element.
+        if seed is None:
+            eps_w = torch.randn((n_samples,) + tuple(like.shape), dtype=like.dtype,
+                                device=like.device)
+            delta = torch.exp(self.weight_log_sigma) * eps_w
+        else:
+            delta = _ops.sample_gaussian(None, self.weight_log_sigma, seed, WEIGHT_STREAM,
+                                         n_samples)
+        in_shape = (n_samples,) + tuple(x.shape[1:])
+        flipped = x * estimators._signs(in_shape, seed, INPUT_SIGNS_STREAM, like)
+        perturbation = self._conv_samples(flipped, delta, None, output_padding)  # [S, N, out, *]
+        signs_out = estimators._signs(tuple(perturbation.shape), seed, OUTPUT_SIGNS_STREAM, like)
+        y = mean + perturbation * signs_out
+        if self.bias:
+            if seed is None:
+                eps_b = torch.randn((n_samples, self.out_channels), dtype=like.dtype,
+                                    device=like.device)
+                bias = self.bias_mu + torch.exp(self.bias_log_sigma) * eps_b
+            else:
+                bias = _ops.sample_gaussian(self.bias_mu, self.bias_log_sigma, seed, BIAS_STREAM,
+                                            n_samples)
+            # The mean's convolution added bias_mu already; add the bias noise only.
+            noise = (bias - self.bias_mu).reshape(n_samples, 1, -1, *([1] * self._dims))
+            y = y + noise
+        return y
 
     def extra_repr(self):
         s = (
@@ -237,6 +314,8 @@ class BayesConv2d(Module):
             s += ", padding={padding}"
         if self.dilation != (1,) * len(self.dilation):
             s += ", dilation={dilation}"
+        if self.output_padding != (0,) * len(self.output_padding):
+            s += ", output_padding={output_padding}"
         if self.groups != 1:
             s += ", groups={groups}"
         if self.bias is False:
@@ -244,4 +323,140 @@ class BayesConv2d(Module):
         # torchbnn leaves padding_mode out (it ignored the mode); nn.Conv2d shows it.
         if self.padding_mode != "zeros":
             s += ", padding_mode={padding_mode}"
-        return s.format(**self.__dict__)
+        s = s.format(**self.__dict__)
+        if self.estimator != "reparam":
+            s += f", estimator={self.estimator!r}"
+        return s
+
+
+_DOC = r"""Applies a Bayesian {kind} over an input signal composed of several input planes, with
+    every kernel weight and bias drawn from its own Gaussian on each forward pass.
+
+    Each weight is :math:`W = \mu + \exp(\log\sigma) \cdot \epsilon`,
+    :math:`\epsilon \sim N(0, 1)`, and likewise the bias; the noise is drawn afresh on every call
+    unless the layer is frozen (see :meth:`freeze`). The arguments after ``prior_sigma`` are
+    :class:`torch.nn.{nn}`'s, in its order, with its defaults and its argument errors.{compat}
+
+    Args:
+        prior_mu (float): mean of the Gaussian prior of every weight and bias.
+        prior_sigma (float): standard deviation of that prior; also the initial sigma.
+        in_channels, out_channels, kernel_size, stride, padding, {extra}dilation, groups,
+        padding_mode, device, dtype: as in :class:`torch.nn.{nn}`.
+        bias (bool, optional): if ``False`` (or ``None``), the layer learns no additive bias.
+            Default: ``True``
+        estimator (str, keyword-only): ``"reparam"`` (one weight sample per forward pass, shared
+            by the batch), ``"local"`` (local reparameterization: each output element drawn from
+            its exact Gaussian, a second convolution of :math:`x^2` with :math:`\sigma^2`) or
+            ``"flipout"`` (one weight perturbation per pass, sign-flipped per input and output
+            element); see :mod:`bnn_fast.estimators`. A frozen layer always uses ``"reparam"``.
+            Default: ``"reparam"``
+
+    Shape:
+        - Input: :math:`(N, C_{{in}}, {spatial_in})` or :math:`(C_{{in}}, {spatial_in})`
+        - Output: :math:`(N, C_{{out}}, {spatial_out})` or :math:`(C_{{out}}, {spatial_out})`,
+          sized as by :class:`torch.nn.{nn}`.
+
+    Attributes:
+        weight_mu, weight_log_sigma: the learnable mean and log standard deviation of the
+            kernel, of :class:`torch.nn.{nn}`'s weight shape {shape}, initialized
+            :math:`\mu \sim U(-s, s)` with {init} and :math:`\log\sigma = \log(\text{{prior\_sigma}})`.
+        bias_mu, bias_log_sigma: the same for the bias, of shape :math:`(\text{{out\_channels}})`;
+            ``None`` without bias.
+        weight_eps, bias_eps: buffers holding the fixed noise while frozen, ``None`` otherwise.
+        bias (bool): whether the layer has a bias (torchbnn's attribute).
+
+    Inside :func:`bnn_fast.sampling.sample_many` it draws S kernel samples per call and runs
+    them as one convolution: S*out output channels over a shared input, or S times the groups
+    over folded activations (sample-major); :func:`bnn_fast.predictive` relies on it.
+    """
+
+
+def _doc(kind, nn_name, dims, transposed, compat="", init=None):
+    spatial = ", ".join(f"{d}_{{in}}" for d in "DHW"[3 - dims:])
+    spatial_out = ", ".join(f"{d}_{{out}}" for d in "DHW"[3 - dims:])
+    k = ", ".join(f"k_{i}" for i in range(dims))
+    shape = (r":math:`(\text{in\_channels}, \frac{\text{out\_channels}}{\text{groups}}, " + k + ")`"
+             if transposed else
+             r":math:`(\text{out\_channels}, \frac{\text{in\_channels}}{\text{groups}}, " + k + ")`")
+    init = init or r":math:`s = 1/\sqrt{\text{in\_channels} \cdot \prod k_i}`"
+    return _DOC.format(kind=kind, nn=nn_name, compat=compat, spatial_in=spatial,
+                       spatial_out=spatial_out, shape=shape, init=init,
+                       extra="output_padding, " if transposed else "")
+
+
+class BayesConv1d(_BayesConvNd):
+    _dims = 1
+
+    def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride=1,
+                 padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
+                 dtype=None, *, estimator="reparam"):
+        super().__init__()
+        self._setup(prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
+                    padding, dilation, groups, bias, padding_mode, 0, device, dtype, estimator)
+
+
+class BayesConv2d(_BayesConvNd):
+    _dims = 2
+
+    def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride=1,
+                 padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
+                 dtype=None, *, estimator="reparam"):
+        super().__init__()
+        self._setup(prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
+                    padding, dilation, groups, bias, padding_mode, 0, device, dtype, estimator)
+
+    def reset_parameters(self):
+        # torchbnn's initialization exactly, fan-in quirks included (groups and kernel_size[1]
+        # are ignored), so that one seed gives both libraries the same parameters.
+        reset_uniform(self, 1.0 / math.sqrt(self.in_channels * self.kernel_size[0] ** 2))
+
+
+class BayesConv3d(_BayesConvNd):
+    _dims = 3
+
+    def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride=1,
+                 padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
+                 dtype=None, *, estimator="reparam"):
+        super().__init__()
+        self._setup(prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
+                    padding, dilation, groups, bias, padding_mode, 0, device, dtype, estimator)
+
+
+class _BayesConvTransposeNd(_BayesConvNd):
+    _transposed = True
+
+    def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride=1,
+                 padding=0, output_padding=0, groups=1, bias=True, dilation=1,
+                 padding_mode="zeros", device=None, dtype=None, *, estimator="reparam"):
+        super().__init__()
+        self._setup(prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
+                    padding, dilation, groups, bias, padding_mode, output_padding, device, dtype,
+                    estimator)
+
+
+class BayesConvTranspose1d(_BayesConvTransposeNd):
+    _dims = 1
+
+
+class BayesConvTranspose2d(_BayesConvTransposeNd):
+    _dims = 2
+
+
+class BayesConvTranspose3d(_BayesConvTransposeNd):
+    _dims = 3
+
+
+_TORCHBNN = (
+    " A drop-in replacement for ``torchbnn.BayesConv2d`` (same arguments, parameter names,"
+    " initialization and, on the pure-PyTorch path, random draws) whose padding behaves exactly"
+    " as :class:`torch.nn.Conv2d`'s."
+)
+BayesConv1d.__doc__ = _doc("1D convolution", "Conv1d", 1, False)
+BayesConv2d.__doc__ = _doc(
+    "2D convolution", "Conv2d", 2, False, _TORCHBNN,
+    r":math:`s = 1/\sqrt{\text{in\_channels} \cdot \text{kernel\_size[0]}^2}` (torchbnn's)",
+)
+BayesConv3d.__doc__ = _doc("3D convolution", "Conv3d", 3, False)
+BayesConvTranspose1d.__doc__ = _doc("1D transposed convolution", "ConvTranspose1d", 1, True)
+BayesConvTranspose2d.__doc__ = _doc("2D transposed convolution", "ConvTranspose2d", 2, True)
+BayesConvTranspose3d.__doc__ = _doc("3D transposed convolution", "ConvTranspose3d", 3, True)

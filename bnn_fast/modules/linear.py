@@ -2,18 +2,19 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn import Module, Parameter
+from torch.nn import Parameter
 
 from .. import _ops, estimators, reference, sampling
 from ._common import (
-    BIAS_STREAM, WEIGHT_STREAM, check_input, freeze_noise, new_noise_seed, reset_uniform,
-    sample_gaussian, sample_noise, unfreeze_noise,
+    BIAS_STREAM, WEIGHT_STREAM, check_input, new_noise_seed, reset_uniform, sample_gaussian,
+    sample_noise,
 )
+from .module import BayesLayer
 
 __all__ = ["BayesLinear"]
 
 
-class BayesLinear(Module):
+class BayesLinear(BayesLayer):
     r"""Applies a Bayesian linear transformation to the incoming data: :math:`y = xW^T + b`,
     with every weight and bias drawn from its own Gaussian on each forward pass.
 
@@ -30,6 +31,8 @@ class BayesLinear(Module):
         out_features (int): size of each output sample.
         bias (bool): if ``False`` (or ``None``), the layer learns no additive bias.
             Default: ``True``
+        device, dtype: where and of which dtype the parameters are made (as in
+            :class:`torch.nn.Linear`).
         estimator (str, keyword-only): how the noise is drawn: ``"reparam"`` (torchbnn's: one
             weight sample per forward pass, shared by the batch), ``"local"`` (local
             reparameterization: independent noise per output element) or ``"flipout"`` (one
@@ -78,8 +81,8 @@ class BayesLinear(Module):
     # Follows the sampling.sample_many protocol.
     _supports_sampling = True
 
-    def __init__(self, prior_mu, prior_sigma, in_features, out_features, bias=True, *,
-                 estimator="reparam"):
+    def __init__(self, prior_mu, prior_sigma, in_features, out_features, bias=True, device=None,
+                 dtype=None, *, estimator="reparam"):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -89,16 +92,17 @@ class BayesLinear(Module):
         self.prior_sigma = prior_sigma
         self.prior_log_sigma = math.log(prior_sigma)
 
-        self.weight_mu = Parameter(torch.empty(out_features, in_features))
-        self.weight_log_sigma = Parameter(torch.empty(out_features, in_features))
+        factory = {"device": device, "dtype": dtype}
+        self.weight_mu = Parameter(torch.empty(out_features, in_features, **factory))
+        self.weight_log_sigma = Parameter(torch.empty(out_features, in_features, **factory))
         self.register_buffer("weight_eps", None)
 
         # torchbnn's rule: only None and False mean "no bias"; anything else, a tensor included
         # (what nn.Linear's `.bias` holds), means a bias.
         self.bias = not (bias is None or bias is False)
         if self.bias:
-            self.bias_mu = Parameter(torch.empty(out_features))
-            self.bias_log_sigma = Parameter(torch.empty(out_features))
+            self.bias_mu = Parameter(torch.empty(out_features, **factory))
+            self.bias_log_sigma = Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("bias_mu", None)
             self.register_parameter("bias_log_sigma", None)
@@ -117,14 +121,6 @@ class BayesLinear(Module):
 
     def reset_parameters(self):
         reset_uniform(self, 1.0 / math.sqrt(self.weight_mu.size(1)))
-
-    def freeze(self):
-        r"""Fixes the noise (``weight_eps``, then ``bias_eps``) so that forward is deterministic."""
-        freeze_noise(self)
-
-    def unfreeze(self):
-        r"""Drops the fixed noise: every forward draws new noise again."""
-        unfreeze_noise(self)
 
     def forward(self, input):
         # A small layer's forward is mostly Python (benchmarks/README.md), so the common case

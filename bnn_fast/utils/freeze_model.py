@@ -1,12 +1,14 @@
 """Freezing the noise of every Bayesian layer in a model (torchbnn's ``utils.freeze_model``)."""
-# BKLLoss too: torchbnn's module star-imports torchbnn.modules, so its import path holds them all.
+# The layer classes and BKLLoss unused: torchbnn's module star-imports torchbnn.modules, so its
+# import path holds them.
 from ..modules import BKLLoss, BayesBatchNorm2d, BayesConv2d, BayesLinear  # noqa: F401
+from ..modules.module import BayesLayer
 
 __all__ = ["freeze", "unfreeze"]
 
 # The layers that draw noise. Containers (a BayesModule subclass holding layers) are not in it:
 # calling their freeze() as well would freeze their layers twice and draw the noise twice.
-_BAYES_LAYERS = (BayesLinear, BayesConv2d, BayesBatchNorm2d)
+_BAYES_LAYERS = (BayesLayer,)
 
 
 def freeze(module):
