@@ -88,6 +88,12 @@ def to_bayesian(model, prior_mu=0.0, prior_sigma=0.1, *, init="prior", moped_del
         inplace (bool, optional): if ``False``, `model` is left as it is and a converted deep
             copy is returned. Default: ``False``
 
+    Shape:
+        Every new layer takes and returns tensors of the shapes its predecessor does;
+        ``weight_mu`` and ``weight_log_sigma`` have the shape of ``weight``, ``bias_mu`` and
+        ``bias_log_sigma`` that of ``bias`` (transposed convolutions: :math:`(C_{in},
+        C_{out}/\text{groups}, *\text{kernel\_size})`, as in ``torch.nn``).
+
     Returns:
         nn.Module: the converted model.
 
@@ -139,6 +145,10 @@ def to_deterministic(model, *, inplace=False):
             is returned in its place.
         inplace (bool, optional): if ``False``, `model` is left as it is and a converted deep
             copy is returned. Default: ``False``
+
+    Shape:
+        ``weight`` and ``bias`` have the shapes of ``weight_mu`` and ``bias_mu``; inputs and
+        outputs keep theirs.
 
     Returns:
         nn.Module: the deterministic model.

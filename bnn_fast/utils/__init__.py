@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from ..conversion import _replace
 from . import _convert_model, freeze_model
 from .freeze_model import freeze, unfreeze
 
@@ -58,26 +59,14 @@ def transform_model(model, from_inst, to_inst, args={}, attrs={}, inplace=True):
     """
     if not inplace:
         model = copy.deepcopy(model)
-    return _transform(model, from_inst, to_inst, args, attrs, {})
 
-
-def _transform(module, from_inst, to_inst, args, attrs, done):
-    # `done` maps id(old module) -> (old module, result), so a module reachable twice is handled
-    # once; holding the old module keeps its id from being reused by a new layer meanwhile.
-    if id(module) in done:
-        return done[id(module)][1]
-    if isinstance(module, from_inst):
-        result = to_inst(**{key: _resolve(module, key, value) for key, value in args.items()})
+    def build(layer):
+        result = to_inst(**{key: _resolve(layer, key, value) for key, value in args.items()})
         for key, value in attrs.items():
-            setattr(result, key, _resolve(module, key, value))
-    else:
-        result = module
-        # _modules rather than named_children(), which skips a child registered under two names.
-        for name, child in list(module._modules.items()):
-            if child is not None:
-                setattr(module, name, _transform(child, from_inst, to_inst, args, attrs, done))
-    done[id(module)] = (module, result)
-    return result
+            setattr(result, key, _resolve(layer, key, value))
+        return result
+
+    return _replace(model, lambda m: isinstance(m, from_inst), build, {})
 
 
 def cpu_cache_info() -> tuple[int, int]:
