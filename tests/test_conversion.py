@@ -10,6 +10,7 @@ from torch.testing import assert_close
 
 import bnn_fast as bnn
 from bnn_fast import to_bayesian, to_deterministic
+from bnn_fast.utils import freeze_model
 from bnn_fast.utils._convert_model import bayes_to_nonbayes, nonbayes_to_bayes
 
 from conftest import DEVICES
@@ -500,6 +501,21 @@ def test_to_deterministic_leaves_the_bayesian_model_as_it_is():
     to_deterministic(model)
     assert type(model[0]) is bnn.BayesLinear
     assert to_deterministic(model, inplace=True) is model and type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_freeze_model_reaches_every_converted_layer(name):
+    model, x = trained(name)
+    converted = to_bayesian(model).eval()
+    layers = [m for m in converted.modules() if getattr(m, "weight_mu", None) is not None]
+    assert {type(m) for m in layers} >= {PAIRS[type(m)] for _, m in convertible(model)
+                                         if getattr(m, "weight", None) is not None}
+    freeze_model.freeze(converted)
+    assert all(m.weight_eps is not None for m in layers)
+    with torch.no_grad():
+        assert_close(converted(x), converted(x), rtol=0, atol=0)
+    freeze_model.unfreeze(converted)
+    assert all(m.weight_eps is None and m.bias_eps is None for m in layers)
 
 
 # ------------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@ against those paths (a model-based RL script's pattern) runs unchanged."""
 import importlib
 import inspect
 import io
+import math
 import pkgutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.testing import assert_close
 
 torchbnn = pytest.importorskip("torchbnn")
 
@@ -62,6 +64,21 @@ def test_each_torchbnn_module_is_reachable_as_an_attribute(name):
     for part in ours(name).split(".")[1:]:
         module = getattr(module, part)
     assert module is importlib.import_module(ours(name))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_loss_is_torchbnns_summed_kl(dtype):
+    from bnn_fast.functional import _kl_loss
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(7, 5, generator=g, dtype=dtype, requires_grad=True)
+    log_sigma = (torch.randn(7, 5, generator=g, dtype=dtype) - 2).requires_grad_()
+    ours = _kl_loss(mu, log_sigma, 0.3, math.log(0.2))
+    theirs = torchbnn.functional._kl_loss(mu, log_sigma, 0.3, math.log(0.2))
+    assert ours.shape == theirs.shape == () and ours.dtype == dtype
+    assert_close(ours, theirs)
+    ours_grads = torch.autograd.grad(ours, (mu, log_sigma))
+    assert_close(ours_grads, torch.autograd.grad(theirs, (mu, log_sigma)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,7 +144,7 @@ def test_the_rl_pattern_freezes_and_unfreezes():
     x = torch.randn(8, 5)
     freeze(model)
     assert all(layer.weight_eps is not None for layer in model.layers)
-    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+    assert_close(model(x), model(x), rtol=0, atol=0)
     unfreeze(model)
     assert all(layer.weight_eps is None and layer.bias_eps is None for layer in model.layers)
     assert not torch.equal(model(x), model(x))
@@ -137,7 +154,7 @@ def test_the_rl_pattern_freezes_through_the_container_method():
     model = make_rl_model()
     x = torch.randn(8, 5)
     assert model.freeze() is model
-    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+    assert_close(model(x), model(x), rtol=0, atol=0)
     assert model.unfreeze() is model
     assert not torch.equal(model(x), model(x))
 
@@ -152,9 +169,9 @@ def test_the_rl_pattern_state_dict_round_trips():
     other.load_state_dict(torch.load(buffer))
     assert other.state_dict().keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
-        torch.testing.assert_close(other.state_dict()[key], value, rtol=0, atol=0)
+        assert_close(other.state_dict()[key], value, rtol=0, atol=0)
     x = torch.randn(8, 5)
     torch.manual_seed(2)
     expected = model(x)
     torch.manual_seed(2)
-    torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
+    assert_close(other(x), expected, rtol=0, atol=0)
