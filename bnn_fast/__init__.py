@@ -14,6 +14,7 @@ from .modules import (
     BayesConvTranspose3d, BayesBatchNorm1d, BayesBatchNorm2d, BayesBatchNorm3d, BKLLoss, BayesModule,
 )
 from .utils import freeze, unfreeze, transform_model
+from .conversion import to_bayesian, to_deterministic
 from . import estimators
 from .estimators import estimator
 from .fusion import FusedSequential, fuse

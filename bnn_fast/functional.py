@@ -6,6 +6,10 @@ import torch
 from . import _ops
 from .modules._common import gaussian_names
 from .modules.module import BayesLayer
+# Unused here: torchbnn's functional star-imports torchbnn.modules, so its import path holds them.
+from .modules.batchnorm import BayesBatchNorm2d  # noqa: F401
+from .modules.conv import BayesConv2d  # noqa: F401
+from .modules.linear import BayesLinear  # noqa: F401
 
 __all__ = ["bayesian_kl_loss"]
 
@@ -34,6 +38,24 @@ def _gaussian_parameters(layer):
 def _kernel_dtype(tensors):
     # gaussian_kl takes float32 and float64 only; half and bfloat16 are summed in float32.
     return [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors]
+
+
+def _kl_loss(mu_0, log_sigma_0, mu_1, log_sigma_1):
+    r"""torchbnn's ``functional._kl_loss``: the summed KL divergence
+    :math:`\sum_i KL(N(\mu_{0,i}, \sigma_{0,i}^2) \,\|\, N(\mu_1, \sigma_1^2))`.
+
+    Args:
+        mu_0 (Tensor): means of the first Gaussians.
+        log_sigma_0 (Tensor): their log standard deviations, of `mu_0`'s shape, dtype and device.
+        mu_1 (float): mean of the second Gaussian, shared by every element.
+        log_sigma_1 (float): its log standard deviation.
+
+    Returns:
+        A differentiable 0-dim tensor of `mu_0`'s dtype, on its device (half and bfloat16 are
+        summed in float32).
+    """
+    kl = _ops.gaussian_kl(_kernel_dtype([mu_0]), _kernel_dtype([log_sigma_0]), mu_1, log_sigma_1)
+    return kl if kl.dtype == mu_0.dtype else kl.to(mu_0.dtype)
 
 
 def _kl(layers, reduction):

@@ -5,7 +5,15 @@ from .. import functional as BF
 __all__ = ["BKLLoss"]
 
 
-class BKLLoss(Module):
+class _Loss(Module):
+    """The base of the losses, holding their `reduction` (torchbnn's ``modules.loss._Loss``)."""
+
+    def __init__(self, reduction="mean"):
+        super().__init__()
+        self.reduction = reduction
+
+
+class BKLLoss(_Loss):
     r"""The KL divergence of a Bayesian model's weights from their priors, as a loss.
 
     Calling ``BKLLoss(reduction, last_layer_only)(model)`` is
@@ -30,8 +38,7 @@ class BKLLoss(Module):
     """
 
     def __init__(self, reduction="mean", last_layer_only=False):
-        super().__init__()
-        self.reduction = reduction
+        super().__init__(reduction)
         self.last_layer_only = last_layer_only
 
     def forward(self, model):

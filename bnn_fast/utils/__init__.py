@@ -1,45 +1,20 @@
 """Model-level helpers: freezing the noise of Bayesian layers and swapping layer types; the CPU
-allocator setting that many-sample inference runs best under."""
+allocator setting that many-sample inference runs best under.
+
+Laid out as torchbnn's ``utils`` package, so that its import paths resolve here too:
+``utils.freeze_model`` (:func:`freeze`, :func:`unfreeze`) and ``utils._convert_model``
+(:func:`nonbayes_to_bayes`, :func:`bayes_to_nonbayes`)."""
 import copy
 import ctypes
 import sys
 
 import torch
 
-from .modules.module import BayesLayer
+from ..conversion import _replace
+from . import _convert_model, freeze_model
+from .freeze_model import freeze, unfreeze
 
 __all__ = ["freeze", "unfreeze", "transform_model", "retain_cpu_memory", "cpu_cache_info", "release_cpu_cache"]
-
-_BAYES_LAYERS = (BayesLayer,)
-
-
-def freeze(module):
-    r"""Freezes every Bayesian layer in `module` (itself included): each draws its noise once
-    (``weight_eps``, ``bias_eps``) and reuses it, so the model becomes deterministic.
-
-    Layers are visited as torchbnn visits them (the module, then each child recursively), so
-    under one ``torch.manual_seed`` both libraries draw the same noise.
-
-    Args:
-        module (nn.Module): the model to freeze.
-    """
-    if isinstance(module, _BAYES_LAYERS):
-        module.freeze()
-    for submodule in module.children():
-        freeze(submodule)
-
-
-def unfreeze(module):
-    r"""Unfreezes every Bayesian layer in `module` (itself included): the fixed noise buffers
-    become ``None`` and each forward draws new noise again.
-
-    Args:
-        module (nn.Module): the model to unfreeze.
-    """
-    if isinstance(module, _BAYES_LAYERS):
-        module.unfreeze()
-    for submodule in module.children():
-        unfreeze(submodule)
 
 
 def _resolve(layer, key, value):
@@ -84,26 +59,14 @@ def transform_model(model, from_inst, to_inst, args={}, attrs={}, inplace=True):
     """
     if not inplace:
         model = copy.deepcopy(model)
-    return _transform(model, from_inst, to_inst, args, attrs, {})
 
-
-def _transform(module, from_inst, to_inst, args, attrs, done):
-    # `done` maps id(old module) -> (old module, result), so a module reachable twice is handled
-    # once; holding the old module keeps its id from being reused by a new layer meanwhile.
-    if id(module) in done:
-        return done[id(module)][1]
-    if isinstance(module, from_inst):
-        result = to_inst(**{key: _resolve(module, key, value) for key, value in args.items()})
+    def build(layer):
+        result = to_inst(**{key: _resolve(layer, key, value) for key, value in args.items()})
         for key, value in attrs.items():
-            setattr(result, key, _resolve(module, key, value))
-    else:
-        result = module
-        # _modules rather than named_children(), which skips a child registered under two names.
-        for name, child in list(module._modules.items()):
-            if child is not None:
-                setattr(module, name, _transform(child, from_inst, to_inst, args, attrs, done))
-    done[id(module)] = (module, result)
-    return result
+            setattr(result, key, _resolve(layer, key, value))
+        return result
+
+    return _replace(model, lambda m: isinstance(m, from_inst), build, {})
 
 
 def cpu_cache_info() -> tuple[int, int]:
@@ -118,11 +81,11 @@ def cpu_cache_info() -> tuple[int, int]:
     the free blocks kept for reuse, at most ``BNN_FAST_CPU_CACHE_MB`` (default 512; 0 turns the
     cache off). Both are 0 when the compiled extension is not loaded.
     """
-    from . import _ops
+    from .. import _ops
 
     if not _ops.extension_loaded():
         return 0, 0
-    from . import _C
+    from .. import _C
 
     in_use, cached = _C.cpu_cache_info()
     return int(in_use), int(cached)
@@ -131,10 +94,10 @@ def cpu_cache_info() -> tuple[int, int]:
 def release_cpu_cache() -> None:
     """Frees the cached free blocks of :func:`cpu_cache_info` (blocks held by live tensors are
     unaffected; they return to the cache when freed, up to its limit)."""
-    from . import _ops
+    from .. import _ops
 
     if _ops.extension_loaded():
-        from . import _C
+        from .. import _C
 
         _C.release_cpu_cache()
 
