@@ -190,11 +190,10 @@ def _kernel_table() -> dict:
 
 _KERNELS = _kernel_table()
 
-# sample_gaussian's compiled operator and the dtypes it has a kernel for, by device type (a device
-# type without a kernel is absent). Taken once here: the wrapper runs on every layer's forward.
-_SAMPLE_DTYPES = {device: dtypes for device, dtypes in (("cpu", _CPU_DTYPES), ("cuda", _CUDA_DTYPES))
-                  if _KERNELS[("sample_gaussian", device)]}
-_sample_op = torch.ops.bnn_fast.sample_gaussian.default if _SAMPLE_DTYPES else None
+# sample_gaussian's compiled operator (taken once: the wrapper runs on every layer's forward) and
+# the dtypes its kernels take, by device type.
+_sample_op = torch.ops.bnn_fast.sample_gaussian.default if _LOADED else None
+_SAMPLE_DTYPES = {"cpu": _CPU_DTYPES, "cuda": _CUDA_DTYPES}
 
 
 def _to_i64(v: int) -> int:
@@ -383,8 +382,8 @@ def sample_gaussian(
     if n_samples < 0:
         raise ValueError(f"sample_gaussian: n_samples must be >= 0, got {n_samples}")
     if _LOADED and not _local.reference:
-        dtypes = _SAMPLE_DTYPES.get(log_sigma.device.type)
-        if dtypes is not None and log_sigma.dtype in dtypes:
+        device = "cuda" if log_sigma.is_cuda else "cpu" if log_sigma.is_cpu else None
+        if device is not None and _KERNELS[("sample_gaussian", device)] and log_sigma.dtype in _SAMPLE_DTYPES[device]:
             return _sample_op(mu, log_sigma, _to_i64(seed), _to_i64(stream), n_samples)
     eps = normal((n_samples,) + tuple(log_sigma.shape), seed, stream, dtype=log_sigma.dtype,
                  device=log_sigma.device)
