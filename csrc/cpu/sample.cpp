@@ -5,7 +5,8 @@
 // Backward: regenerates the noise from (seed, stream) instead of keeping it, so the forward saves
 // nothing parameter-sized. One parallel pass over tiles of kTile elements: per tile, for s in
 // order, the noise of sample s goes into a stack buffer and is accumulated with grad[s] into two
-// stack accumulators; then grad_mu = sum_s g_s, grad_log_sigma = exp(log_sigma) * sum_s g_s eps_s.
+// stack accumulators; then grad_mu = sum_s g_s, grad_log_sigma = exp(log_sigma) * sum_s g_s eps_s
+// (exp by the forward's vector exp in float32).
 // Reads grad once (S * 4 B/element) and log_sigma once, writes the two gradients. The tiles are
 // fixed and each element sums its samples in order, so the bits do not depend on the thread
 // count.
@@ -16,8 +17,10 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <type_traits>
 
 #include "checks.h"
+#include "cpu/fastmath.h"
 #include "cpu/noise.h"
 #include "cpu/sample.h"
 #include "cpu/simd.h"
@@ -55,6 +58,36 @@ void fill_tile(float* eps, int64_t n, uint64_t seed, uint64_t stream, uint64_t i
   }
 }
 
+// out[k] = sum[k] * exp(ls[k]), k < n. float32 takes the forward's vector exp (fastmath::exp8,
+// every element through it, a short tail padded) where the CPU has AVX2: libm's scalar expf cost
+// as much as generating the noise.
+#if BNN_HAVE_X86_SIMD
+BNN_AVX2 void scale_by_sigma_avx2(const float* sum, const float* ls, float* out, int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_loadu_ps(sum + k),
+                                            fastmath::exp8(_mm256_loadu_ps(ls + k))));
+  }
+  if (k < n) {
+    float s[8] = {0}, l[8] = {0}, o[8];
+    std::copy(sum + k, sum + n, s);
+    std::copy(ls + k, ls + n, l);
+    _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(s), fastmath::exp8(_mm256_loadu_ps(l))));
+    std::copy(o, o + (n - k), out + k);
+  }
+}
+#endif
+
+template <typename T>
+void scale_by_sigma(const T* sum, const T* ls, T* out, int64_t n, SimdLevel simd) {
+#if BNN_HAVE_X86_SIMD
+  if constexpr (std::is_same_v<T, float>) {
+    if (simd != kScalar) return scale_by_sigma_avx2(sum, ls, out, n);
+  }
+#endif
+  for (int64_t k = 0; k < n; ++k) out[k] = sum[k] * std::exp(ls[k]);
+}
+
 template <typename T>
 void gradients(const T* grad, const T* ls, T* gmu /* may be null */, T* gls /* may be null */,
                int64_t numel, int64_t n_samples, uint64_t seed, uint64_t stream) {
@@ -80,9 +113,7 @@ void gradients(const T* grad, const T* ls, T* gmu /* may be null */, T* gls /* m
         }
       }
       if (gmu != nullptr) std::copy(sum_g, sum_g + n, gmu + j0);
-      if (gls != nullptr) {
-        for (int64_t k = 0; k < n; ++k) gls[j0 + k] = sum_ge[k] * std::exp(ls[j0 + k]);
-      }
+      if (gls != nullptr) scale_by_sigma(sum_ge, ls + j0, gls + j0, n, simd);
     }
   });
 }
