@@ -256,6 +256,55 @@ at::Tensor mlp_autograd(const at::Tensor& x, const at::Tensor& w1_mu, const at::
                             seed2, n_samples);
 }
 
+// ---- sample_gaussian ---------------------------------------------------------------------------
+//
+// Saves log_sigma and the integers; the backward regenerates the noise from (seed, stream).
+using SampleForward = at::Tensor(const std::optional<at::Tensor>&, const at::Tensor&, int64_t,
+                                 int64_t, int64_t);
+using SampleBackward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                          int64_t, int64_t, int64_t,
+                                                          std::array<bool, 2>);
+
+class SampleFunction : public torch::autograd::Function<SampleFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const std::optional<at::Tensor>& mu,
+                            const at::Tensor& log_sigma, int64_t seed, int64_t stream,
+                            int64_t n_samples) {
+    static const auto op = find_op<SampleForward>("sample_gaussian");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor out = op.call(mu, log_sigma, seed, stream, n_samples);
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["stream"] = stream;
+    ctx->saved_data["n_samples"] = n_samples;
+    ctx->saved_data["has_mu"] = mu.has_value();
+    ctx->save_for_backward({log_sigma});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<SampleBackward>("sample_gaussian_backward");
+    const at::Tensor& grad = grads[0];
+    const at::Tensor log_sigma = ctx->get_saved_variables()[0];
+    check_no_double_backward("sample_gaussian", {grad, log_sigma});
+    // needs_input_grad counts the tensors passed: an absent mu is no input edge.
+    const bool has_mu = ctx->saved_data["has_mu"].toBool();
+    const std::array<bool, 2> mask{has_mu && ctx->needs_input_grad(0),
+                                   ctx->needs_input_grad(has_mu ? 1 : 0)};
+    auto [gmu, gls] = op.call(grad, log_sigma, ctx->saved_data["seed"].toInt(),
+                              ctx->saved_data["stream"].toInt(),
+                              ctx->saved_data["n_samples"].toInt(), mask);
+    // One entry per argument of apply(): mu, log_sigma, seed, stream, n_samples.
+    return {mask[0] ? gmu : at::Tensor(), mask[1] ? gls : at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor sample_gaussian_autograd(const std::optional<at::Tensor>& mu,
+                                    const at::Tensor& log_sigma, int64_t seed, int64_t stream,
+                                    int64_t n_samples) {
+  return SampleFunction::apply(mu, log_sigma, seed, stream, n_samples);
+}
+
 // ---- gaussian_kl -----------------------------------------------------------------------------
 
 using KlForward = at::Tensor(at::TensorList, at::TensorList, double, double);
@@ -317,6 +366,7 @@ TORCH_LIBRARY_IMPL(bnn_fast, Autograd, m) {
   m.impl("bayes_linear_local", &linear_autograd<kLocal>);
   m.impl("bayes_linear_flipout", &linear_autograd<kFlipout>);
   m.impl("gaussian_kl", &gaussian_kl_autograd);
+  m.impl("sample_gaussian", &sample_gaussian_autograd);
 }
 
 }  // namespace bnn_fast

@@ -69,6 +69,37 @@ inline void check_gaussian_kl_args(at::TensorList mu, at::TensorList log_sigma) 
   }
 }
 
+// sample_gaussian (CPU and CUDA): log_sigma floating-point, mu (when given) of its dtype, shape
+// and device, n_samples >= 0. The dtypes each device has a kernel for are checked by its glue.
+inline void check_sample_gaussian_args(const std::optional<at::Tensor>& mu,
+                                       const at::Tensor& log_sigma, int64_t n_samples) {
+  const char* op = "sample_gaussian";
+  TORCH_CHECK_TYPE(at::isFloatingType(log_sigma.scalar_type()), op,
+                   ": log_sigma must be a floating-point tensor, got ", log_sigma.scalar_type());
+  TORCH_CHECK_VALUE(n_samples >= 0, op, ": n_samples must be >= 0, got ", n_samples);
+  if (mu.has_value()) {
+    check_same_dtype(op, "mu", *mu, log_sigma);
+    check_same_shape(op, "mu", *mu, log_sigma, "log_sigma");
+    check_same_device(op, "mu", *mu, log_sigma);
+  }
+}
+
+// sample_gaussian_backward: grad of shape [n_samples, *log_sigma.shape], dtype and device of
+// log_sigma.
+inline void check_sample_gaussian_backward_args(const at::Tensor& grad,
+                                                const at::Tensor& log_sigma, int64_t n_samples) {
+  const char* op = "sample_gaussian_backward";
+  TORCH_CHECK_TYPE(at::isFloatingType(log_sigma.scalar_type()), op,
+                   ": log_sigma must be a floating-point tensor, got ", log_sigma.scalar_type());
+  TORCH_CHECK_VALUE(n_samples >= 0, op, ": n_samples must be >= 0, got ", n_samples);
+  std::vector<int64_t> shape{n_samples};
+  shape.insert(shape.end(), log_sigma.sizes().begin(), log_sigma.sizes().end());
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(shape), op, ": grad must have shape ",
+                    at::IntArrayRef(shape), " ([n_samples, *log_sigma.shape]), got ", grad.sizes());
+  check_same_dtype(op, "grad", grad, log_sigma);
+  check_same_device(op, "grad", grad, log_sigma);
+}
+
 // `layer` > 0 numbers the parameters (weight1_mu, ...) for operators that take two layers.
 inline void check_bayes_linear_args(const at::Tensor& x, const at::Tensor& w_mu,
                                     const at::Tensor& w_ls,

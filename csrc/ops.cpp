@@ -82,6 +82,16 @@ TORCH_LIBRARY(bnn_fast, m) {
   // seed and stream are uint64 reinterpreted as int64.
   m.def("fill_normal_(Tensor(a!) out, int seed, int stream, int offset) -> ()");
 
+  // n_samples reparameterized samples of a Gaussian parameter of any shape, [n_samples,
+  // *log_sigma.shape]: out[s].flatten()[j] = mu[j] + exp(log_sigma[j]) * normal(seed, stream,
+  // s * numel + j); a mu of None is zero (the perturbation alone). The backward regenerates the
+  // noise: grad_mu[j] = sum_s grad[s, j], grad_log_sigma[j] = exp(log_sigma[j]) *
+  // sum_s grad[s, j] * eps_s[j]; a gradient not asked for in output_mask comes back empty.
+  m.def("sample_gaussian(Tensor? mu, Tensor log_sigma, int seed, int stream, int n_samples) -> Tensor");
+  m.def(
+      "sample_gaussian_backward(Tensor grad, Tensor log_sigma, int seed, int stream, "
+      "int n_samples, bool[2] output_mask) -> (Tensor, Tensor)");
+
   // Reparameterized Bayesian linear with n_samples weight samples.
   //   x: [S or 1, N, in]; weight_*: [out, in]; bias_*: [out]. Returns (y [S, N, out], saved),
   //   where saved is the sampled weight [S, out, in] when the backend keeps it for the backward

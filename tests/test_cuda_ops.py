@@ -197,3 +197,64 @@ def test_kl_inside_a_captured_cuda_graph_follows_its_inputs():
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(out, _ops.gaussian_kl(mus, lss, 0.0, -1.0), rtol=0, atol=0)
+
+
+def sample_and_grads(mu, ls, seed, stream, S, upstream, fn):
+    """(out, grad_mu, grad_log_sigma) of fn(mu, ls, seed, stream, S) against `upstream`, in float64."""
+    mu, ls = mu.detach().clone().requires_grad_(), ls.detach().clone().requires_grad_()
+    out = fn(mu, ls, seed, stream, S)
+    g = torch.autograd.grad((out.double() * upstream).sum(), [mu, ls])
+    return [t.double() for t in (out, *g)]
+
+
+def sample_twin_float64(mu, ls, seed, stream, S):
+    """The twin computed in float64 from the float32 noise (what the kernels compute, unrounded)."""
+    eps = _ops.normal((S,) + tuple(ls.shape), seed, stream, device=ls.device).double()
+    return reference.sample_gaussian(mu.double(), ls.double(), eps)
+
+
+def sample_twin(mu, ls, seed, stream, S):
+    eps = _ops.normal((S,) + tuple(ls.shape), seed, stream, dtype=ls.dtype, device=ls.device)
+    return reference.sample_gaussian(mu, ls, eps)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("shape", [(7,), (16, 3, 3, 3), (1031,)], ids=str)
+def test_low_precision_sample_gaussian_within_twice_pytorchs_error(dtype, shape):
+    # Judged against the float64 computation from the same inputs and noise: the kernel (float32
+    # inside, one rounding at the end) may be off by at most twice what PyTorch's own twin at
+    # `dtype` is, in the samples and in both gradients.
+    g = torch.Generator().manual_seed(11)
+    mu = (torch.rand(shape, generator=g) - 0.5).to("cuda", dtype)
+    ls = (torch.randn(shape, generator=g) * 0.3 - 1.5).to("cuda", dtype)
+    upstream = torch.randn((3,) + shape, generator=g, dtype=torch.float64).cuda()
+    want = sample_and_grads(mu, ls, 21, 6, 3, upstream, sample_twin_float64)
+    got = sample_and_grads(mu, ls, 21, 6, 3, upstream, _ops.sample_gaussian)
+    torch_ = sample_and_grads(mu, ls, 21, 6, 3, upstream, sample_twin)
+    for a, b, t in zip(got, want, torch_):
+        assert rel_err(a, b) <= max(2 * rel_err(t, b), torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("numel", [12, 1030])
+def test_misaligned_sample_gaussian_gives_the_aligned_results(dtype, numel):
+    # One element into their storage, mu and log_sigma leave the float4 path; the results are the
+    # aligned ones (the same per-element code).
+    g = torch.Generator().manual_seed(12)
+    mu = (torch.rand(numel, generator=g) - 0.5).to("cuda", dtype)
+    ls = (torch.randn(numel, generator=g) * 0.3 - 1.5).to("cuda", dtype)
+    upstream = torch.randn(2, numel, generator=g, dtype=torch.float64).cuda()
+
+    def misaligned(t):
+        return torch.empty(t.numel() + 1, device="cuda", dtype=t.dtype)[1:].view_as(t).copy_(t)
+
+    want = sample_and_grads(mu, ls, 3, 9, 2, upstream, _ops.sample_gaussian)
+    got = sample_and_grads(misaligned(mu), misaligned(ls), 3, 9, 2, upstream, _ops.sample_gaussian)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_sample_gaussian_noise_is_the_cpus():
+    # The perturbation exp(0) * eps is the noise itself, bit for bit the CPU's.
+    got = _ops.sample_gaussian(None, torch.zeros(3, 1029, device="cuda"), 44, 7, 2)
+    assert torch.equal(got.cpu(), _ops.normal((2, 3, 1029), 44, 7))

@@ -48,6 +48,17 @@ def test_the_stand_in_makes_the_operators_raise(cpu_kernels_missing):
         torch.ops.bnn_fast.gaussian_kl([torch.zeros(2)], [torch.zeros(2)], 0.0, 0.0)
 
 
+@pytest.mark.parametrize("has_mu", [True, False])
+def test_sample_gaussian_takes_the_pytorch_path(cpu_kernels_missing, has_mu):
+    mu = torch.randn(4, 3, requires_grad=True) if has_mu else None
+    ls = torch.randn(4, 3, requires_grad=True)
+    out = _ops.sample_gaussian(mu, ls, 8, 2, 3)
+    eps = reference.normal((3, 4, 3), 8, 2, torch.float32, "cpu", 0)
+    torch.testing.assert_close(out, reference.sample_gaussian(mu, ls, eps))
+    out.sum().backward()
+    assert ls.grad is not None
+
+
 @pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
 @pytest.mark.parametrize("samples", [None, 3])
 def test_bayes_linear_takes_the_pytorch_path(cpu_kernels_missing, estimator, samples):

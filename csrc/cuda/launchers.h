@@ -60,11 +60,11 @@ cudaError_t launch_linear_fused_small_batch(DType dtype, const void* x, const vo
                                             cudaStream_t stream);
 
 // grad_mu[j] = sum_s dw[s, j]; grad_log_sigma[j] = sum_s dw[s, j] * eps_s[j] * exp(log_sigma[j]),
-// eps regenerated from (seed, stream 0). dw: [S, numel]. grad_mu may be null: not written (one
-// sample, where dw is grad_mu already).
+// eps_s[j] = normal(seed, stream_id, s * numel + j) regenerated. dw: [S, numel]. grad_mu may be
+// null: not written (one sample, where dw is grad_mu already).
 cudaError_t launch_weight_grads(DType dtype, const void* dw, const void* log_sigma, void* grad_mu,
                                 void* grad_log_sigma, int64_t numel, int64_t n_samples,
-                                uint64_t seed, cudaStream_t stream);
+                                uint64_t seed, uint64_t stream_id, cudaStream_t stream);
 
 // ---- bayes_mlp_inference ----------------------------------------------------------------
 // y[s, n, :] = relu(x[xs, n] W1_s^T + b1_s) W2_s^T + b2_s for s < n_samples, n < rows (xs = 0

@@ -99,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bayes_lin
     BNN_CUDA_CHECK("bayes_linear_backward",
                    launch_weight_grads(dt, dw.const_data_ptr(), w_ls.const_data_ptr(),
                                        S == 1 ? nullptr : gmu.mutable_data_ptr(),
-                                       gls.mutable_data_ptr(), w_mu.numel(), S, uint64_t(seed),
+                                       gls.mutable_data_ptr(), w_mu.numel(), S, uint64_t(seed), 0,
                                        current_stream()));
   }
   if (b_ls.has_value()) {

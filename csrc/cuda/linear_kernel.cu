@@ -8,7 +8,7 @@
 //   reading mu and log_sigma. x rows (N <= kFusedMaxRows) stay in L1/L2. Templated on N, so the
 //   per-row accumulators are registers.
 // weight_grads_kernel: grad_mu = sum_s dW_s, grad_log_sigma = sum_s dW_s * eps_s * sigma with eps
-//   regenerated from (seed, stream 0): nothing weight-sized is saved by the forward. grad_mu may
+//   regenerated from (seed, stream_id): nothing weight-sized is saved by the forward. grad_mu may
 //   be null (one sample: the caller uses dW as grad_mu).
 // All indices are 64-bit; every kernel bounds-checks its own range.
 #include <type_traits>
@@ -167,7 +167,7 @@ __global__ void fused_small_batch_kernel(const T* __restrict__ x, const T* __res
 template <typename T>
 __global__ void weight_grads_kernel(const T* __restrict__ dw, const T* __restrict__ ls,
                                     T* __restrict__ gmu /* may be null */, T* __restrict__ gls, int64_t numel,
-                                    int64_t n_samples, uint64_t seed, bool vec) {
+                                    int64_t n_samples, uint64_t seed, uint64_t stream_id, bool vec) {
   using A = typename Acc<T>::type;
   const int64_t n_quads = (numel + 3) / 4;
   for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < n_quads;
@@ -180,9 +180,9 @@ __global__ void weight_grads_kernel(const T* __restrict__ dw, const T* __restric
       float z[4];
       const int64_t i0 = s * numel + j0;
       if (numel % 4 == 0) {  // every sample's quads are Philox blocks
-        box_muller4(philox_block(seed, 0, uint64_t(i0) >> 2), z);
+        box_muller4(philox_block(seed, stream_id, uint64_t(i0) >> 2), z);
       } else {
-        normals4(seed, 0, uint64_t(i0), z);
+        normals4(seed, stream_id, uint64_t(i0), z);
       }
       A g[4];
       if (whole) {
@@ -251,13 +251,13 @@ cudaError_t launch_linear_fused_small_batch(DType dtype, const void* x, const vo
 
 cudaError_t launch_weight_grads(DType dtype, const void* dw, const void* log_sigma, void* grad_mu,
                                 void* grad_log_sigma, int64_t numel, int64_t n_samples,
-                                uint64_t seed, cudaStream_t stream) {
+                                uint64_t seed, uint64_t stream_id, cudaStream_t stream) {
   if (numel == 0) return cudaSuccess;
   const bool vec = numel % 4 == 0 && (reinterpret_cast<uintptr_t>(dw) & 15) == 0;
   return dispatch_dtype(dtype, [&]<typename T>() {
     weight_grads_kernel<T><<<grid_for((numel + 3) / 4), kThreads, 0, stream>>>(
         static_cast<const T*>(dw), static_cast<const T*>(log_sigma), static_cast<T*>(grad_mu),
-        static_cast<T*>(grad_log_sigma), numel, n_samples, seed, vec);
+        static_cast<T*>(grad_log_sigma), numel, n_samples, seed, stream_id, vec);
     return cudaGetLastError();
   });
 }

@@ -229,13 +229,14 @@ void weight_grads_cases() {
           fill(dw, -1, 1);
           fill(ls, -3, 0.5);
           const uint64_t seed = kSeeds[S & 1];
+          const uint64_t stream_id = shifted ? 0 : 5;  // the linears' weight stream, and another
           std::vector<T> want_mu(static_cast<size_t>(numel)), want_ls(static_cast<size_t>(numel));
           for (int64_t j = 0; j < numel; ++j) {
             A sum_g = A(0), sum_ge = A(0);
             for (int64_t s = 0; s < S; ++s) {
               const A g = to_acc(dw[s * numel + j]);
               sum_g += g;
-              sum_ge += g * A(normal_at(seed, 0, uint64_t(s * numel + j)));
+              sum_ge += g * A(normal_at(seed, stream_id, uint64_t(s * numel + j)));
             }
             want_mu[size_t(j)] = from_acc<T>(sum_g);
             want_ls[size_t(j)] = from_acc<T>(sum_ge * exp(to_acc(ls[j])));
@@ -244,11 +245,11 @@ void weight_grads_cases() {
             Buf<T> gmu(has_gmu ? numel : 0, shifted), gls(numel, shifted);
             poison(gmu);
             poison(gls);
-            const std::string what = fmt("weight_grads %s numel=%lld S=%lld grad_mu=%d shifted=%d cap=%u",
+            const std::string what = fmt("weight_grads %s numel=%lld S=%lld stream=%llu grad_mu=%d shifted=%d cap=%u",
                                          name_of<T>(), static_cast<long long>(numel), static_cast<long long>(S),
-                                         int(has_gmu), int(shifted), cap);
+                                         static_cast<unsigned long long>(stream_id), int(has_gmu), int(shifted), cap);
             expect_status(what, launch_weight_grads(dtype_of<T>(), dw.p, ls.p, has_gmu ? gmu.p : nullptr,
-                                                    gls.p, numel, S, seed, kStream), cudaSuccess);
+                                                    gls.p, numel, S, seed, stream_id, kStream), cudaSuccess);
             if (has_gmu) expect_equal(what + " grad_mu", gmu.p, want_mu.data(), numel);
             expect_equal(what + " grad_log_sigma", gls.p, want_ls.data(), numel);
           });
