@@ -18,7 +18,10 @@ comes from ``get_kl_loss``), and the deterministic network (torch.nn layers, no 
 
 a. Training step at batch 64: zero_grad, forward, cross-entropy + 0.01 * KL, backward, one Adam
    step (lr 1e-3). Timed in interleaved rounds (every implementation once per round, median over
-   rounds). Peak memory of one step (harness.peak_memory: PyTorch's allocations).
+   rounds). Peak memory of one step (harness.peak_memory: PyTorch's allocations), and the bytes
+   autograd keeps for the backward (every tensor saved by the forward, once per storage,
+   parameters excluded): the Bayesian layers' share of the peak is small next to the
+   activations at batch 64, and this shows it.
 b. Prediction from 1,000 weight samples on 64 images, no gradients, eval mode: bnn_fast's
    ``predictive`` (mean, std; S samples per batched call) against each library's loop of one
    forward pass per sample, stacked, then mean and std. The deterministic network's loop of the
@@ -48,7 +51,8 @@ from . import harness
 PRIOR_MU, PRIOR_SIGMA = 0.0, 0.1
 BATCH, KL_WEIGHT, LR = 64, 0.01, 1e-3
 SAMPLES, QUICK_SAMPLES = 1000, 100
-ROUNDS, QUICK_ROUNDS = 5, 2
+ROUNDS, QUICK_ROUNDS = 5, 2  # training steps (a fraction of a second each)
+PREDICT_ROUNDS = 3  # predictions (seconds each)
 TRAIN_STEPS_PER_ROUND = 10
 PREDICT_TARGET = 5.0
 
@@ -131,6 +135,31 @@ IMPLS = ("bnn_fast", "torchbnn", "bayesian-torch Reparameterization", "bayesian-
 TRAIN, PREDICT = "training step, batch 64", "prediction, 64 images"
 
 
+def saved_for_backward(name, build, shape, device):
+    """Bytes of the tensors the forward saves for autograd, each storage once, parameters
+    excluded."""
+    torch.manual_seed(0)
+    model = build(name).to(device)
+    kl = kit(name)[3]
+    x = torch.randn((BATCH,) + shape).to(device)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = set()
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            sizes.append(t.untyped_storage().nbytes())
+        return t
+
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), torch.zeros(BATCH, dtype=torch.long, device=device))
+        if kl is not None:
+            loss = loss + KL_WEIGHT * kl(model).reshape(())
+    return sum(sizes)
+
+
 def training_step(name, build, shape, device):
     torch.manual_seed(0)
     model = build(name).to(device)
@@ -182,14 +211,16 @@ def main(argv=None):
                        for name in IMPLS]
         runner.measure_interleaved(train_cases, rounds, number=TRAIN_STEPS_PER_ROUND)
         for case in train_cases:
+            saved = saved_for_backward(case.sub_label, build, shape, device)
             memory_rows.append([model_name, case.sub_label,
-                                f"{harness.peak_memory(case.stmt, device) / harness.MIB:.1f}"])
+                                f"{harness.peak_memory(case.stmt, device) / harness.MIB:.2f}",
+                                f"{saved / harness.MIB:.2f}"])
         predict_cases = [harness.Case(PREDICT, name, f"{model_name}, {n_samples} samples",
                                       prediction(name, build, shape, device, n_samples))
                          for name in IMPLS]
-        runner.measure_interleaved(predict_cases, rounds)
-    runner.add_table("Peak memory of one training step (MiB, PyTorch's allocations)",
-                     ["model", "implementation", "peak MiB"], memory_rows)
+        runner.measure_interleaved(predict_cases, QUICK_ROUNDS if args.quick else PREDICT_ROUNDS)
+    runner.add_table("Memory of one training step (MiB, PyTorch's allocations)",
+                     ["model", "implementation", "peak MiB", "saved for backward MiB"], memory_rows)
     rows = []
     for model_name in MODELS:
         predict_column = f"{model_name}, {n_samples} samples"
@@ -197,7 +228,9 @@ def main(argv=None):
         predict_ratio = runner.ratio(PREDICT, predict_column, "torchbnn", "bnn_fast")
         floor_ratio = runner.ratio(PREDICT, predict_column, "bnn_fast", "deterministic")
         peaks = {row[1]: float(row[2]) for row in memory_rows if row[0] == model_name}
-        rows.append([model_name, f"{train_ratio:.2f}x", f"{peaks['bnn_fast']:.1f} vs {peaks['torchbnn']:.1f}",
+        saved = {row[1]: float(row[3]) for row in memory_rows if row[0] == model_name}
+        rows.append([model_name, f"{train_ratio:.2f}x", f"{peaks['bnn_fast']:.2f} vs {peaks['torchbnn']:.2f}",
+                     f"{saved['bnn_fast']:.2f} vs {saved['torchbnn']:.2f}",
                      f"{predict_ratio:.2f}x", f"{floor_ratio:.2f}x"])
         runner.check(f"{model_name}: training step, torchbnn / bnn_fast", train_ratio, ">=", 1.0)
         runner.check(f"{model_name}: training peak memory, torchbnn / bnn_fast",
@@ -207,7 +240,8 @@ def main(argv=None):
     runner.add_table(
         "bnn_fast against torchbnn (same run)",
         ["model", "training step speedup", "training peak MiB (bnn_fast vs torchbnn)",
-         "prediction speedup", "prediction / deterministic loop"], rows)
+         "saved for backward MiB (bnn_fast vs torchbnn)", "prediction speedup",
+         "prediction time / deterministic loop's"], rows)
     runner.finish()
 
 

@@ -214,9 +214,15 @@ def test_the_torchbnn_draws_on_the_reference_path_and_when_frozen(case):
 # S samples in one call
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["per-sample", "grouped"])
 @pytest.mark.parametrize("folded", [False, True], ids=["broadcast", "folded"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_sample_many_equals_separate_passes_with_the_same_weights(case, folded, recorded):
+def test_sample_many_equals_separate_passes_with_the_same_weights(case, folded, grouped, recorded,
+                                                                   monkeypatch):
+    if grouped:  # the CUDA form (one grouped convolution), run on the CPU
+        if case not in CONVS:
+            pytest.skip("batch norm has one form")
+        monkeypatch.setattr(bnn.modules.conv, "_GROUPED_DEVICES", {"cpu", "cuda"})
     layer, x = make(case)
     layer.eval()
     x = torch.randn((S * N,) + tuple(x.shape[1:])) if folded else x[:N]
