@@ -16,7 +16,8 @@ and Conv2dFlipout / LinearFlipout (with torch.nn's BatchNorm2d: bayesian-torch h
 batch norm; its layers return ``(out, kl)``, so a wrapper asks for the output alone and the KL
 comes from ``get_kl_loss``), and the deterministic network (torch.nn layers, no KL).
 
-a. Training step at batch 64: zero_grad, forward, cross-entropy + 0.01 * KL, backward, one Adam
+a. Training step at batch 64 (bnn_fast also with its convolutions' "local" and "flipout"
+   estimators, PyTorch compositions of two convolutions each): zero_grad, forward, cross-entropy + 0.01 * KL, backward, one Adam
    step (lr 1e-3). Timed in interleaved rounds (every implementation once per round, median over
    rounds). Peak memory of one step (harness.peak_memory: PyTorch's allocations), and the bytes
    autograd keeps for the backward (every tensor saved by the forward, once per storage,
@@ -73,11 +74,14 @@ def kit(name):
     if name == "deterministic":
         return (lambda i, o, k, s=1, p=0, bias=True: nn.Conv2d(i, o, k, s, p, bias=bias),
                 nn.BatchNorm2d, nn.Linear, None)
-    if name in ("bnn_fast", "torchbnn"):
-        lib = bnn_fast if name == "bnn_fast" else torchbnn
+    if name.startswith("bnn_fast") or name == "torchbnn":
+        lib = torchbnn if name == "torchbnn" else bnn_fast
         kl = lib.BKLLoss(reduction="mean", last_layer_only=False)
+        # "bnn_fast local" / "bnn_fast flipout": the convolutions' estimator (the linear layers
+        # keep reparam, as the comparison is about the convolutions' PyTorch compositions).
+        extra = {"estimator": name.split()[1]} if " " in name else {}
         return (lambda i, o, k, s=1, p=0, bias=True: lib.BayesConv2d(PRIOR_MU, PRIOR_SIGMA, i, o, k, s, p,
-                                                                     bias=bias),
+                                                                     bias=bias, **extra),
                 functools.partial(lib.BayesBatchNorm2d, PRIOR_MU, PRIOR_SIGMA),
                 functools.partial(lib.BayesLinear, PRIOR_MU, PRIOR_SIGMA), kl)
     conv_cls, linear_cls = {
@@ -132,6 +136,8 @@ def resnet8(name):
 MODELS = {"LeNet-5 1x28x28": (lenet, (1, 28, 28)), "ResNet-8 3x32x32": (resnet8, (3, 32, 32))}
 IMPLS = ("bnn_fast", "torchbnn", "bayesian-torch Reparameterization", "bayesian-torch Flipout",
          "deterministic")
+# Training only: the convolutions' other estimators (PyTorch compositions of two convolutions).
+ESTIMATOR_IMPLS = ("bnn_fast local", "bnn_fast flipout")
 TRAIN, PREDICT = "training step, batch 64", "prediction, 64 images"
 
 
@@ -208,9 +214,9 @@ def main(argv=None):
     memory_rows = []
     for model_name, (build, shape) in MODELS.items():
         train_cases = [harness.Case(TRAIN, name, model_name, training_step(name, build, shape, device))
-                       for name in IMPLS]
+                       for name in IMPLS + ESTIMATOR_IMPLS]
         runner.measure_interleaved(train_cases, rounds, number=TRAIN_STEPS_PER_ROUND)
-        for case in train_cases:
+        for case in train_cases[:len(IMPLS)]:
             saved = saved_for_backward(case.sub_label, build, shape, device)
             memory_rows.append([model_name, case.sub_label,
                                 f"{harness.peak_memory(case.stmt, device) / harness.MIB:.2f}",

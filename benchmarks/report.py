@@ -263,6 +263,16 @@ HEADLINES = [
       for load in ("quiet", "1 busy process")],
     *[Headline(f"Training step, {model}", "torchbnn", "small_models", speedup("training step", model, "torchbnn"))
       for model in ("mlp 4-128-128-3, batch 32", "cnn 28x28, batch 32")],
+    *[Headline(f"Training step, Bayesian {model}, batch 64", "torchbnn", "conv",
+               speedup("training step, batch 64", column, "torchbnn"))
+      for model, column in (("LeNet-5", "LeNet-5 1x28x28"), ("ResNet-8", "ResNet-8 3x32x32"))],
+    *[Headline(f"Prediction: Bayesian {model}, 1,000 samples, 64 images", "torchbnn, a loop of forward passes",
+               "conv", speedup("prediction, 64 images", f"{column}, 1000 samples", "torchbnn"))
+      for model, column in (("LeNet-5", "LeNet-5 1x28x28"), ("ResNet-8", "ResNet-8 3x32x32"))],
+    *[Headline(f"Prediction: Bayesian {model}, 1,000 samples, 64 images",
+               "the deterministic network's loop (the floor)", "conv",
+               speedup("prediction, 64 images", f"{column}, 1000 samples", "deterministic"))
+      for model, column in (("LeNet-5", "LeNet-5 1x28x28"), ("ResNet-8", "ResNet-8 3x32x32"))],
     Headline("KL forward+backward, 10.5M parameters", "torchbnn", "kl",
              speedup("KL forward+backward", "10.5M params", "torchbnn")),
     *LINEAR_HEADLINES,

@@ -255,8 +255,9 @@ def _bayesian_layer(layer, prior_mu, prior_sigma, init, moped_delta):
             kwargs["output_padding"] = layer.output_padding
         new = cls(prior_mu, prior_sigma, bias=layer.bias is not None, **kwargs, **factory)
     else:
+        # torch.nn's keyword-only bias=False (an affine scale without a shift) is carried too.
         new = cls(prior_mu, prior_sigma, **{key: getattr(layer, key) for key in _NORM_ARGS},
-                  **factory)
+                  **factory, bias=not layer.affine or layer.bias is not None)
     new.train(layer.training)
     with torch.no_grad():
         _copy_running_stats(layer, new)
@@ -285,7 +286,10 @@ def _deterministic_layer(layer):
             kwargs["output_padding"] = layer.output_padding
         new = cls(bias=layer.bias, **kwargs, **factory)
     else:
-        new = cls(**{key: getattr(layer, key) for key in _NORM_ARGS}, **factory)
+        kwargs = {key: getattr(layer, key) for key in _NORM_ARGS}
+        if layer.affine and layer.bias_mu is None:
+            kwargs["bias"] = False  # torch.nn's keyword-only bias (recent torch versions only)
+        new = cls(**kwargs, **factory)
     new.train(layer.training)
     with torch.no_grad():
         _copy_running_stats(layer, new)

@@ -537,3 +537,17 @@ def test_bayes_to_nonbayes_converts_in_place_by_default_keeping_the_means():
     assert type(model[0]) is bnn.BayesLinear and type(copy_[0]) is nn.Linear
     assert bayes_to_nonbayes(model) is model and type(model[0]) is nn.Linear
     assert_close(model[0].weight, mu, rtol=0, atol=0)
+
+
+def test_batchnorm_without_shift_round_trips():
+    """torch.nn's keyword-only bias=False (a scale without a shift) is carried both ways."""
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, bias=False)).eval()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 2)
+        net[1].running_mean.normal_()
+    bnet = to_bayesian(net, init="moped")
+    assert bnet[1].bias_mu is None and bnet[1].weight_mu is not None
+    back = to_deterministic(bnet)
+    assert back[1].bias is None
+    x = torch.randn(2, 2, 5, 5)
+    torch.testing.assert_close(back(x), net(x), rtol=0, atol=0)

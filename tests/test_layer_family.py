@@ -2,6 +2,7 @@
 BayesBatchNorm1d/2d/3d against their torch.nn counterparts (sigma = 0 and injected noise), the
 counter-based noise they draw, S samples in one call, the closed-form output statistics,
 gradcheck, the estimators, freeze, the KL and the argument errors."""
+import copy
 import math
 
 import pytest
@@ -549,3 +550,118 @@ def test_a_torchbnn_cnn_script_runs_unchanged():
     assert accuracy > 0.9, accuracy
     result = bnn.predictive(model, x[:8], 200, seed=0)
     assert result.mean.shape == (8, 2) and (result.std > 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# half precision, autocast, empty batches, torchbnn-style subclasses
+
+
+def test_local_keeps_small_spreads_in_half_precision():
+    """float16's smallest normal (6.1e-5) as the variance floor would pin the std at 7.8e-3."""
+    layer = bnn.BayesConv2d(0, 1e-3, 1, 1, 1, bias=False, estimator="local")
+    with torch.no_grad():
+        layer.weight_mu.zero_()
+    x = torch.ones(256, 1, 8, 8)
+    std32 = layer(x).std().item()
+    std16 = layer.half()(x.half()).float().std().item()
+    assert abs(std16 / std32 - 1) < 0.1, (std16, std32)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_estimators_keep_the_autocast_dtype(estimator):
+    layer = bnn.BayesConv2d(0, 0.1, 2, 3, 3, estimator=estimator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(2, 2, 5, 5))
+    assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_empty_batches_under_sample_many(grouped, monkeypatch):
+    if grouped:
+        monkeypatch.setattr(bnn.modules.conv, "_GROUPED_DEVICES", {"cpu", "cuda"})
+    layer = bnn.BayesConv2d(0, 0.1, 2, 4, 3).eval()
+    with sample_many(3):
+        assert layer(torch.randn(0, 2, 5, 5)).shape == (0, 4, 3, 3)
+
+
+def test_torchbnn_style_subclasses_of_the_private_bases():
+    """torchbnn 1.2 ships only 2D layers; users write theirs on its private bases."""
+    from bnn_fast.modules.batchnorm import _BayesBatchNorm
+    from bnn_fast.modules.conv import _BayesConvNd
+
+    class BayesBatchNorm1d(_BayesBatchNorm):
+        def _check_input_dim(self, input):
+            if input.dim() not in (2, 3):
+                raise ValueError("expected 2D or 3D input")
+
+    bn = BayesBatchNorm1d(0, 0.1, 3)
+    assert bn(torch.randn(4, 3)).shape == (4, 3)
+    with pytest.raises(ValueError, match="expected 2D or 3D"):
+        bn(torch.randn(4, 3, 2, 2))
+
+    class BayesConv1d(_BayesConvNd):
+        def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size):
+            super().__init__(prior_mu, prior_sigma, in_channels, out_channels, (kernel_size,),
+                             (1,), (0,), (1,), False, (0,), 1, True, "zeros")
+
+        def forward(self, input):
+            weight = self.weight_mu + torch.exp(self.weight_log_sigma) * torch.randn_like(self.weight_log_sigma)
+            bias = self.bias_mu + torch.exp(self.bias_log_sigma) * torch.randn_like(self.bias_log_sigma)
+            return F.conv1d(input, weight, bias)
+
+    conv = BayesConv1d(0, 0.1, 2, 3, 3)
+    assert conv.weight_mu.shape == (3, 2, 3)
+    assert conv(torch.randn(4, 2, 7)).shape == (4, 3, 5)
+    assert bnn.BKLLoss()(conv).shape == (1,)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+
+requires_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _ops.has_kernel("sample_gaussian", "cuda")),
+    reason="needs a CUDA GPU and the CUDA kernels compiled")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_layers_draw_the_cpus_noise_and_match_its_outputs(case, dtype):
+    """The noise is bit-identical between CPU and CUDA (the RNG contract); the outputs and
+    gradients agree to rounding, one sample and under sample_many (the grouped form on CUDA)."""
+    cpu_layer, x = make(case, dtype)
+    cpu_layer.eval()
+    gpu = copy.deepcopy(cpu_layer).cuda()  # the same parameters and buffers on the GPU
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    for n_samples in (None, 3):
+        outputs = []
+        for module, xx in ((cpu_layer, x), (gpu, x.cuda())):
+            torch.manual_seed(4)
+            xx = xx.clone().requires_grad_(True)
+            if n_samples is None:
+                y = module(xx)
+            else:
+                with sample_many(n_samples):
+                    y = module(xx)
+            (y * torch.linspace(-1, 1, y.numel(), dtype=dtype, device=y.device).reshape(y.shape)).sum().backward()
+            outputs.append([y.detach().cpu(), xx.grad.cpu()] + [p.grad.cpu() for p in module.parameters()])
+            module.zero_grad()
+        for a, b in zip(*outputs):
+            torch.testing.assert_close(b, a, **tol)
+
+
+def test_a_compiled_cnn_gives_the_eager_outputs_and_gradients():
+    """torch.compile traces the layers through the sampling operator's fake; the seed draw is a
+    graph break, so the compiled model draws the eager model's noise under one seed."""
+    model = nn.Sequential(bnn.BayesConv2d(0, 0.1, 1, 4, 3), bnn.BayesBatchNorm2d(0, 0.1, 4),
+                          nn.ReLU(), nn.Flatten(), bnn.BayesLinear(0, 0.1, 4 * 6 * 6, 3))
+    x = torch.randn(2, 1, 8, 8)
+    compiled = torch.compile(model)
+    grads = []
+    for run in (compiled, model):
+        torch.manual_seed(0)
+        y = run(x)
+        y.sum().backward()
+        grads.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)

@@ -106,6 +106,14 @@ class _BayesBatchNorm(BayesLayer):
                                             1).squeeze(0)
         return self._batch_norm(input, weight, bias)
 
+    def _check_input_dim(self, input):
+        """Raises unless `input` has a rank this layer takes (torchbnn's and torch.nn's hook: a
+        subclass of ``_BayesBatchNorm`` may override it)."""
+        if input.dim() not in self._input_dims:
+            raise ValueError(
+                f"{type(self).__name__}: input must be {self._input_names}, got {input.dim()}D input"
+            )
+
     def _batch_norm(self, input, weight, bias):
         """torch.nn's batch norm (running statistics updated in training mode)."""
         if self.momentum is None:
@@ -125,10 +133,7 @@ class _BayesBatchNorm(BayesLayer):
     def _check_input(self, input):
         reference = self.weight_mu if self.affine else self.running_mean
         check_input(self, input, reference)
-        if input.dim() not in self._input_dims:
-            raise ValueError(
-                f"{type(self).__name__}: input must be {self._input_names}, got {input.dim()}D input"
-            )
+        self._check_input_dim(input)
         # Without per-channel state any channel count works, as in torchbnn and nn.BatchNorm2d.
         if reference is not None and input.shape[1] != self.num_features:
             raise ValueError(
@@ -155,7 +160,9 @@ class _BayesBatchNorm(BayesLayer):
         else:
             # Each sample's own batch, as if its N rows had been run alone.
             dims = (1,) + tuple(range(3, x.dim()))
-            var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+            # In float32 at least, as F.batch_norm computes its statistics.
+            var, mean = torch.var_mean(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x,
+                                       dim=dims, correction=0, keepdim=True)
         scale = torch.rsqrt(var + self.eps)
         shift = -mean * scale
         if self.affine:

@@ -10,7 +10,8 @@ regenerates the noise: autograd keeps the sampled weight the convolution needs a
 (no ``eps``, no ``sigma``). On the pure-PyTorch path (no extension, or inside
 :func:`bnn_fast.reference_path`), and while frozen, the layers draw as torchbnn does
 (``torch.randn_like``, weight then bias), so a ``BayesConv2d`` reproduces ``torchbnn.BayesConv2d``
-bit for bit under one ``torch.manual_seed``.
+bit for bit under one ``torch.manual_seed`` (with ``padding_mode='zeros'``: torchbnn pads the
+other modes wrongly).
 """
 import math
 
@@ -50,6 +51,19 @@ class _BayesConvNd(BayesLayer):
     _transposed = False
     # Follows the sampling.sample_many protocol.
     _supports_sampling = True
+
+    def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
+                 padding, dilation, transposed, output_padding, groups, bias, padding_mode,
+                 device=None, dtype=None, *, estimator="reparam"):
+        """torchbnn's ``_BayesConvNd`` constructor, for subclasses written against it (the
+        number of spatial dimensions is the length of `kernel_size` then)."""
+        super().__init__()
+        if isinstance(kernel_size, (tuple, list)):
+            self._dims = len(kernel_size)
+        self._transposed = bool(transposed)
+        self._setup(prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
+                    padding, dilation, groups, bias, padding_mode, output_padding, device, dtype,
+                    estimator)
 
     def _setup(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
                padding, dilation, groups, bias, padding_mode, output_padding, device, dtype,
@@ -219,7 +233,7 @@ class _BayesConvNd(BayesLayer):
         grouped convolution: S times the groups, channels ``[s*C, (s+1)*C)`` of an
         ``[N, S*C, *]`` input meeting kernels ``[s*out, (s+1)*out)``, one launch for all samples.
         """
-        if x.device.type in _GROUPED_DEVICES:
+        if x.device.type in _GROUPED_DEVICES and x.shape[1] > 0:  # (an empty batch: per sample)
             return self._conv_grouped(x, weight, bias, output_padding)
         padded = self.padding_mode != "zeros" and not self._transposed
         if padded:  # pad the X inputs once, not once per sample
@@ -291,10 +305,14 @@ class _BayesConvNd(BayesLayer):
             var = var.reshape(mean.shape)
             shape = (n_samples,) + tuple(mean.shape[1:])
             eps = draw_normal(shape, seed, LOCAL_OUTPUT_STREAM, like)
-            # A zero input patch without bias has var = 0; the floor keeps sqrt's gradient finite
-            # (as the linear layer's "local" does).
+            # A zero input patch without bias has var = 0; the floor keeps sqrt's gradient finite.
+            # As in the linear layer's "local", half types are combined in float32, whose
+            # smallest normal is the floor (float16's own, 6.1e-5, would pin the std at 7.8e-3).
+            dtype = mean.dtype
+            if var.dtype in (torch.float16, torch.bfloat16) or dtype in (torch.float16, torch.bfloat16):
+                mean, var, eps = mean.float(), var.float(), eps.float()
             std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
-            return mean + std * eps
+            return (mean + std * eps).to(dtype)
         # Flipout: one weight perturbation per sample, sign-flipped per input and output element.
         if seed is None:
             eps_w = torch.randn((n_samples,) + tuple(like.shape), dtype=like.dtype,
@@ -303,10 +321,13 @@ class _BayesConvNd(BayesLayer):
         else:
             delta = _ops.sample_gaussian(None, self.weight_log_sigma, seed, WEIGHT_STREAM,
                                          n_samples)
+        # The signs in the activations' dtype (under autocast, not the parameters'): the output
+        # keeps the dtype the convolutions give, as with the other estimators.
         in_shape = (n_samples,) + tuple(x.shape[1:])
-        flipped = x * estimators._signs(in_shape, seed, INPUT_SIGNS_STREAM, like)
+        flipped = x * estimators._signs(in_shape, seed, INPUT_SIGNS_STREAM, x)
         perturbation = self._conv_samples(flipped, delta, None, output_padding)  # [S, N, out, *]
-        signs_out = estimators._signs(tuple(perturbation.shape), seed, OUTPUT_SIGNS_STREAM, like)
+        signs_out = estimators._signs(tuple(perturbation.shape), seed, OUTPUT_SIGNS_STREAM,
+                                      perturbation)
         y = mean + perturbation * signs_out
         if self.bias:
             if seed is None:
@@ -318,7 +339,7 @@ class _BayesConvNd(BayesLayer):
                                             n_samples)
             # The mean's convolution added bias_mu already; add the bias noise only.
             noise = (bias - self.bias_mu).reshape(n_samples, 1, -1, *([1] * self._dims))
-            y = y + noise
+            y = y + noise.to(y.dtype)
         return y
 
     def extra_repr(self):
@@ -406,7 +427,7 @@ class BayesConv1d(_BayesConvNd):
     def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride=1,
                  padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
                  dtype=None, *, estimator="reparam"):
-        super().__init__()
+        BayesLayer.__init__(self)
         self._setup(prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
                     padding, dilation, groups, bias, padding_mode, 0, device, dtype, estimator)
 
@@ -417,7 +438,7 @@ class BayesConv2d(_BayesConvNd):
     def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride=1,
                  padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
                  dtype=None, *, estimator="reparam"):
-        super().__init__()
+        BayesLayer.__init__(self)
         self._setup(prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
                     padding, dilation, groups, bias, padding_mode, 0, device, dtype, estimator)
 
@@ -433,7 +454,7 @@ class BayesConv3d(_BayesConvNd):
     def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride=1,
                  padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
                  dtype=None, *, estimator="reparam"):
-        super().__init__()
+        BayesLayer.__init__(self)
         self._setup(prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
                     padding, dilation, groups, bias, padding_mode, 0, device, dtype, estimator)
 
@@ -444,7 +465,7 @@ class _BayesConvTransposeNd(_BayesConvNd):
     def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride=1,
                  padding=0, output_padding=0, groups=1, bias=True, dilation=1,
                  padding_mode="zeros", device=None, dtype=None, *, estimator="reparam"):
-        super().__init__()
+        BayesLayer.__init__(self)
         self._setup(prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
                     padding, dilation, groups, bias, padding_mode, output_padding, device, dtype,
                     estimator)

@@ -19,8 +19,9 @@ class BayesModule(Module):
 
     def freeze(self):
         r"""Fixes the noise of every Bayesian layer in this module (each layer's :meth:`freeze`,
-        in :meth:`~torch.nn.Module.modules` order, as :func:`bnn_fast.utils.freeze` visits
-        them), so that the forward pass is deterministic. Returns ``self``."""
+        once per layer, in :meth:`~torch.nn.Module.modules` order), so that the forward pass is
+        deterministic. Returns ``self``. (:func:`bnn_fast.utils.freeze` visits as torchbnn does:
+        a layer shared by two parents is frozen twice there.)"""
         for module in self.modules():
             if isinstance(module, BayesLayer):
                 module.freeze()
