@@ -2,10 +2,11 @@
 
 Each suite writes its own results/<suite>_<device>.json and .md.
 """
-from benchmarks import (bench_distributed, bench_estimators, bench_kl, bench_linear, bench_predictive,
-                        bench_small_models, harness)
+from benchmarks import (bench_conv, bench_distributed, bench_estimators, bench_kl, bench_linear,
+                        bench_predictive, bench_small_models, harness)
 
-SUITES = (bench_kl, bench_linear, bench_predictive, bench_estimators, bench_small_models, bench_distributed)
+SUITES = (bench_kl, bench_linear, bench_predictive, bench_estimators, bench_small_models, bench_conv,
+          bench_distributed)
 
 
 def main(argv=None):

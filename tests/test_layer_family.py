@@ -665,3 +665,21 @@ def test_a_compiled_cnn_gives_the_eager_outputs_and_gradients():
         grads.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
         model.zero_grad()
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_sample_under_sample_many_equals_a_pass_with_that_weight(case, recorded):
+    """sample_many(1) (predictive's chunks of large activations) takes its own short paths."""
+    layer, x = make(case)
+    layer.eval()
+    with sample_many(1):
+        got = layer(x)
+    weight = recorded[0][0]
+    bias = recorded[1][0] if layer.bias_mu is not None else None
+    if isinstance(layer, bnn.modules.batchnorm._BayesBatchNorm):
+        stats = layer.track_running_stats
+        want = F.batch_norm(x, layer.running_mean, layer.running_var, weight, bias, not stats, 0.0,
+                            layer.eps)
+    else:
+        want = layer._conv_forward(x, weight, bias)
+    torch.testing.assert_close(got, want)

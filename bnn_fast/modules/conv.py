@@ -249,7 +249,8 @@ class _BayesConvNd(BayesLayer):
                                                  self.groups))
             else:
                 outputs.append(self._conv(xs, weight[s], b, self.groups, output_padding))
-        return torch.stack(outputs)
+        # One sample (predictive's chunks of large activations): a view, not stack's copy.
+        return torch.stack(outputs) if len(outputs) > 1 else outputs[0].unsqueeze(0)
 
     def _conv_grouped(self, x, weight, bias, output_padding):
         """:meth:`_conv_samples` as one grouped convolution (S times the groups)."""
