@@ -63,6 +63,19 @@ def check_estimator(name, argument: str) -> str:
     return name
 
 
+def _get_layer_estimator(layer) -> str:
+    # A layer pickled whole before estimators existed has no _estimator: it was "reparam".
+    return getattr(layer, "_estimator", "reparam")
+
+
+def _set_layer_estimator(layer, name) -> None:
+    layer._estimator = check_estimator(name, f"{type(layer).__name__}: estimator")
+
+
+# A layer's `estimator` attribute (BayesLinear, the convolutions): checked on assignment.
+layer_estimator = property(_get_layer_estimator, _set_layer_estimator)
+
+
 def current() -> Optional[str]:
     """The estimator set by the innermost :func:`estimator` block on this thread, or ``None``."""
     return _local.name

@@ -102,14 +102,7 @@ class _BayesConvNd(BayesLayer):
         self.register_buffer("bias_eps", None)
         self.reset_parameters()
 
-    @property
-    def estimator(self):
-        # A layer pickled whole before estimators existed has no _estimator: it was "reparam".
-        return getattr(self, "_estimator", "reparam")
-
-    @estimator.setter
-    def estimator(self, name):
-        self._estimator = estimators.check_estimator(name, f"{type(self).__name__}: estimator")
+    estimator = estimators.layer_estimator
 
     def reset_parameters(self):
         # torchbnn's (Adv-BNN's) initialization, mu ~ U(-s, s) and log_sigma = log(prior_sigma),
@@ -422,26 +415,23 @@ def _doc(kind, nn_name, dims, transposed, compat="", init=None):
                        extra="output_padding, " if transposed else "")
 
 
-class BayesConv1d(_BayesConvNd):
+class _BayesConvForwardNd(_BayesConvNd):
+    """torch.nn.ConvNd's constructor for the (not transposed) convolutions."""
+
+    def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride=1,
+                 padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
+                 dtype=None, *, estimator="reparam"):
+        BayesLayer.__init__(self)
+        self._setup(prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
+                    padding, dilation, groups, bias, padding_mode, 0, device, dtype, estimator)
+
+
+class BayesConv1d(_BayesConvForwardNd):
     _dims = 1
 
-    def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride=1,
-                 padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
-                 dtype=None, *, estimator="reparam"):
-        BayesLayer.__init__(self)
-        self._setup(prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
-                    padding, dilation, groups, bias, padding_mode, 0, device, dtype, estimator)
 
-
-class BayesConv2d(_BayesConvNd):
+class BayesConv2d(_BayesConvForwardNd):
     _dims = 2
-
-    def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride=1,
-                 padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
-                 dtype=None, *, estimator="reparam"):
-        BayesLayer.__init__(self)
-        self._setup(prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
-                    padding, dilation, groups, bias, padding_mode, 0, device, dtype, estimator)
 
     def reset_parameters(self):
         # torchbnn's initialization exactly, fan-in quirks included (groups and kernel_size[1]
@@ -449,15 +439,8 @@ class BayesConv2d(_BayesConvNd):
         reset_uniform(self, 1.0 / math.sqrt(self.in_channels * self.kernel_size[0] ** 2))
 
 
-class BayesConv3d(_BayesConvNd):
+class BayesConv3d(_BayesConvForwardNd):
     _dims = 3
-
-    def __init__(self, prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride=1,
-                 padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
-                 dtype=None, *, estimator="reparam"):
-        BayesLayer.__init__(self)
-        self._setup(prior_mu, prior_sigma, in_channels, out_channels, kernel_size, stride,
-                    padding, dilation, groups, bias, padding_mode, 0, device, dtype, estimator)
 
 
 class _BayesConvTransposeNd(_BayesConvNd):

@@ -110,14 +110,7 @@ class BayesLinear(BayesLayer):
 
         self.reset_parameters()
 
-    @property
-    def estimator(self):
-        # A layer pickled whole before estimators existed has no _estimator: it was "reparam".
-        return getattr(self, "_estimator", "reparam")
-
-    @estimator.setter
-    def estimator(self, name):
-        self._estimator = estimators.check_estimator(name, f"{type(self).__name__}: estimator")
+    estimator = estimators.layer_estimator
 
     def reset_parameters(self):
         reset_uniform(self, 1.0 / math.sqrt(self.weight_mu.size(1)))
