@@ -42,7 +42,7 @@ from .modules._common import (
     draw_normal,
 )
 
-__all__ = ["ESTIMATORS", "estimator", "current", "check_estimator", "local", "flipout"]
+__all__ = ["ESTIMATORS", "estimator", "current", "check_estimator", "local", "flipout", "combine_local"]
 
 ESTIMATORS = ("reparam", "local", "flipout")
 
@@ -142,15 +142,25 @@ def local(
     if bias_mu is not None:
         mean = mean + bias_mu
         var = var + torch.exp(2.0 * bias_log_sigma)
-    # A zero row without bias has var = 0, where sqrt's derivative is infinite and the chain
-    # rule gives 0 * inf = NaN; clamping sends a zero gradient there instead. The floor is the
-    # smallest normal number of the type the kernels compute in: float32 for float16 and
-    # bfloat16 (float16's own, 6.1e-5, would pin the std at 7.8e-3 and zero the gradient below).
-    if var.dtype in (torch.float16, torch.bfloat16):
+    return combine_local(mean, var, output_eps)
+
+
+def combine_local(mean: Tensor, var: Tensor, eps: Tensor) -> Tensor:
+    """``mean + sqrt(var) * eps``, the last step of every "local" estimator (the linear layer's
+    and the convolutions'), in `mean`'s dtype.
+
+    A zero row without bias has var = 0, where sqrt's derivative is infinite and the chain rule
+    gives 0 * inf = NaN; clamping sends a zero gradient there instead. The floor is the smallest
+    normal number of the type the kernels compute in: float32 for float16 and bfloat16 (float16's
+    own, 6.1e-5, would pin the std at 7.8e-3 and zero the gradient below), which are combined in
+    float32.
+    """
+    half = (torch.float16, torch.bfloat16)
+    if mean.dtype in half or var.dtype in half:
         std = var.float().clamp_min(torch.finfo(torch.float32).tiny).sqrt()
-        return (mean.float() + std * output_eps.float()).to(var.dtype)
+        return (mean.float() + std * eps.float()).to(mean.dtype)
     std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
-    return mean + std * output_eps
+    return mean + std * eps
 
 
 def flipout(

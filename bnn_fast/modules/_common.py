@@ -1,7 +1,7 @@
 """Helpers shared by the Bayesian layers: reparameterized sampling, noise and input validation."""
 import torch
 
-from .. import _ops
+from .. import _ops, reference
 
 # The RNG contract's streams (DESIGN.md section 3): one per kind of noise of a forward pass, so
 # that the draws of one seed never overlap.
@@ -74,6 +74,29 @@ def sample_noise(n_samples, eps, like, seed, stream):
     if eps is not None:
         return eps.expand(shape)
     return draw_normal(shape, seed, stream, like)
+
+
+def sample_parameter(mu, log_sigma, eps, n_samples, seed, stream):
+    """``[S, *log_sigma.shape]`` samples of one Gaussian parameter (mu None: the perturbation
+    ``exp(log_sigma) * eps`` alone): the sampling operator with an int `seed`; with None (a frozen
+    layer, or the pure-PyTorch path), its fixed noise `eps` for every sample or, when that is
+    None too, ``torch.randn`` noise (:func:`sample_noise`)."""
+    if seed is None:
+        return reference.sample_gaussian(mu, log_sigma, sample_noise(n_samples, eps, log_sigma,
+                                                                     None, stream))
+    return _ops.sample_gaussian(mu, log_sigma, seed, stream, n_samples)
+
+
+def sample_parameters(layer, n_samples, seed):
+    """(weight ``[S, *weight_shape]``, bias ``[S, *bias_shape]`` or None): S samples of a
+    layer's weight (stream 0) and bias (stream 1) by :func:`sample_parameter`."""
+    weight = sample_parameter(layer.weight_mu, layer.weight_log_sigma, layer.weight_eps,
+                              n_samples, seed, WEIGHT_STREAM)
+    bias = None
+    if layer.bias_mu is not None:
+        bias = sample_parameter(layer.bias_mu, layer.bias_log_sigma, layer.bias_eps, n_samples,
+                                seed, BIAS_STREAM)
+    return weight, bias
 
 
 def check_input(layer, input, reference):

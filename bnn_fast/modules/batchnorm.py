@@ -12,10 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn import Parameter
 
-from .. import _ops, sampling
-from ._common import (
-    BIAS_STREAM, WEIGHT_STREAM, check_input, new_noise_seed, sample_gaussian, sample_noise,
-)
+from .. import sampling
+from ._common import check_input, new_noise_seed, sample_gaussian, sample_parameters
 from .module import BayesLayer
 
 __all__ = ["BayesBatchNorm1d", "BayesBatchNorm2d", "BayesBatchNorm3d"]
@@ -98,12 +96,8 @@ class _BayesBatchNorm(BayesLayer):
                     bias = sample_gaussian(self.bias_mu, self.bias_log_sigma, self.bias_eps)
         else:
             # The sampling operator: one sample of the scale (stream 0) and the shift (stream 1).
-            weight = _ops.sample_gaussian(self.weight_mu, self.weight_log_sigma, seed,
-                                          WEIGHT_STREAM, 1).squeeze(0)
-            bias = None
-            if self.bias_mu is not None:
-                bias = _ops.sample_gaussian(self.bias_mu, self.bias_log_sigma, seed, BIAS_STREAM,
-                                            1).squeeze(0)
+            weight, bias = sample_parameters(self, 1, seed)
+            weight, bias = weight[0], None if bias is None else bias[0]
         return self._batch_norm(input, weight, bias)
 
     def _check_input_dim(self, input):
@@ -158,7 +152,7 @@ class _BayesBatchNorm(BayesLayer):
             # norm in one pass, about half the time of the broadcast form below.
             weight = bias = None
             if self.affine:
-                weight, bias = self._affine_samples(1, seed)
+                weight, bias = sample_parameters(self, 1, seed)
                 weight = weight[0]
                 bias = None if bias is None else bias[0]
             stats = self.track_running_stats
@@ -179,7 +173,7 @@ class _BayesBatchNorm(BayesLayer):
         scale = torch.rsqrt(var + self.eps)
         shift = -mean * scale
         if self.affine:
-            weight, bias = self._affine_samples(n_samples, seed)
+            weight, bias = sample_parameters(self, n_samples, seed)
             scale, shift = scale * weight.reshape(shape), shift * weight.reshape(shape)
             if bias is not None:
                 shift = shift + bias.reshape(shape)
@@ -187,27 +181,6 @@ class _BayesBatchNorm(BayesLayer):
         # ResNet-8's activations).
         y = torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
         return sampling.unfold_output(y.expand(n_samples, *y.shape[1:]))
-
-    def _affine_samples(self, n_samples, seed):
-        """(scale [S, C], shift [S, C] or None): S samples; a frozen layer's fixed noise for
-        each, the sampling operator otherwise."""
-        if seed is None:  # frozen, or the pure-PyTorch path
-            eps_w = sample_noise(n_samples, self.weight_eps, self.weight_log_sigma, None,
-                                 WEIGHT_STREAM)
-            weight = sample_gaussian(self.weight_mu, self.weight_log_sigma, eps_w)
-        else:
-            weight = _ops.sample_gaussian(self.weight_mu, self.weight_log_sigma, seed,
-                                          WEIGHT_STREAM, n_samples)
-        bias = None
-        if self.bias_mu is not None:
-            if seed is None:
-                eps_b = sample_noise(n_samples, self.bias_eps, self.bias_log_sigma, None,
-                                     BIAS_STREAM)
-                bias = sample_gaussian(self.bias_mu, self.bias_log_sigma, eps_b)
-            else:
-                bias = _ops.sample_gaussian(self.bias_mu, self.bias_log_sigma, seed, BIAS_STREAM,
-                                            n_samples)
-        return weight, bias
 
     def extra_repr(self):
         s = (

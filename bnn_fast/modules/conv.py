@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn import Parameter
 
-from .. import _ops, estimators, sampling
+from .. import estimators, sampling
 from ._common import (
     BIAS_STREAM, INPUT_SIGNS_STREAM, LOCAL_OUTPUT_STREAM, OUTPUT_SIGNS_STREAM, WEIGHT_STREAM,
-    check_input, draw_normal, new_noise_seed, reset_uniform, sample_gaussian, sample_noise,
+    check_input, draw_normal, new_noise_seed, reset_uniform, sample_gaussian, sample_parameter,
+    sample_parameters,
 )
 from .module import BayesLayer
 
@@ -133,12 +134,8 @@ class _BayesConvNd(BayesLayer):
         if seed is None:
             return self._forward_reference(input, output_padding)
         # The sampling operator: S = 1 sample of the weight and the bias.
-        weight = _ops.sample_gaussian(self.weight_mu, self.weight_log_sigma, seed, WEIGHT_STREAM,
-                                      1).squeeze(0)
-        bias = None
-        if self.bias:
-            bias = _ops.sample_gaussian(self.bias_mu, self.bias_log_sigma, seed, BIAS_STREAM,
-                                        1).squeeze(0)
+        weight, bias = sample_parameters(self, 1, seed)
+        weight, bias = weight[0], None if bias is None else bias[0]
         return self._conv(input, weight, bias, self.groups, output_padding)
 
     def _check_input(self, input):
@@ -193,27 +190,6 @@ class _BayesConvNd(BayesLayer):
             return conv(self._pad(x), weight, bias, self.stride, 0, self.dilation, groups)
         return conv(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
-    def _weight_samples(self, n_samples, seed):
-        """(weight [S, *weight_shape], bias [S, out] or None): S samples; a frozen layer's fixed
-        noise for each, the sampling operator otherwise."""
-        if seed is None:  # frozen, or the pure-PyTorch path
-            eps_w = sample_noise(n_samples, self.weight_eps, self.weight_log_sigma, None,
-                                 WEIGHT_STREAM)
-            weight = sample_gaussian(self.weight_mu, self.weight_log_sigma, eps_w)
-            bias = None
-            if self.bias:
-                eps_b = sample_noise(n_samples, self.bias_eps, self.bias_log_sigma, None,
-                                     BIAS_STREAM)
-                bias = sample_gaussian(self.bias_mu, self.bias_log_sigma, eps_b)
-            return weight, bias
-        weight = _ops.sample_gaussian(self.weight_mu, self.weight_log_sigma, seed, WEIGHT_STREAM,
-                                      n_samples)
-        bias = None
-        if self.bias:
-            bias = _ops.sample_gaussian(self.bias_mu, self.bias_log_sigma, seed, BIAS_STREAM,
-                                        n_samples)
-        return weight, bias
-
     def _conv_samples(self, x, weight, bias, output_padding):
         """Sample s of `x` ``[X, N, C, *]`` (X = 1: one input for every sample) convolved with
         sample s of `weight` ``[S, *weight_shape]`` and `bias` ``[S, out]`` (or None):
@@ -226,40 +202,39 @@ class _BayesConvNd(BayesLayer):
         grouped convolution: S times the groups, channels ``[s*C, (s+1)*C)`` of an
         ``[N, S*C, *]`` input meeting kernels ``[s*out, (s+1)*out)``, one launch for all samples.
         """
+        x, padded = self._pad_once(x)
         if x.device.type in _GROUPED_DEVICES and x.shape[1] > 0:  # (an empty batch: per sample)
-            return self._conv_grouped(x, weight, bias, output_padding)
-        padded = self.padding_mode != "zeros" and not self._transposed
-        if padded:  # pad the X inputs once, not once per sample
-            rows = self._pad(x.flatten(0, 1))
-            x = rows.reshape(x.shape[:2] + rows.shape[1:])
+            return self._conv_grouped(x, weight, bias, output_padding, padded)
         shared = x.shape[0] == 1
         outputs = []
         for s in range(weight.shape[0]):
             xs = x[0] if shared else x[s]
             b = None if bias is None else bias[s]
-            if padded:
-                outputs.append(_CONV[self._dims](xs, weight[s], b, self.stride, 0, self.dilation,
-                                                 self.groups))
-            else:
-                outputs.append(self._conv(xs, weight[s], b, self.groups, output_padding))
+            outputs.append(self._conv_padded(xs, weight[s], b, self.groups, output_padding, padded))
         # One sample (predictive's chunks of large activations): a view, not stack's copy.
         return torch.stack(outputs) if len(outputs) > 1 else outputs[0].unsqueeze(0)
 
-    def _conv_grouped(self, x, weight, bias, output_padding):
+    def _pad_once(self, x):
+        """(`x` ``[X, N, C, *]`` padded for a non-zeros padding mode, whether it was): the X
+        inputs are padded once, not once per sample."""
+        if self.padding_mode == "zeros" or self._transposed:
+            return x, False
+        rows = self._pad(x.flatten(0, 1))
+        return rows.reshape(x.shape[:2] + rows.shape[1:]), True
+
+    def _conv_padded(self, x, weight, bias, groups, output_padding, padded):
+        """:meth:`_conv` of an input that :meth:`_pad_once` may have padded already."""
+        if padded:
+            return _CONV[self._dims](x, weight, bias, self.stride, 0, self.dilation, groups)
+        return self._conv(x, weight, bias, groups, output_padding)
+
+    def _conv_grouped(self, x, weight, bias, output_padding, padded):
         """:meth:`_conv_samples` as one grouped convolution (S times the groups)."""
         n_samples, n = weight.shape[0], x.shape[1]
         b = None if bias is None else bias.reshape(-1)
-        if self.padding_mode != "zeros" and not self._transposed:
-            # Padded before the broadcast input is expanded: N rows instead of S*N.
-            padded = self._pad(x.flatten(0, 1))
-            x = padded.reshape(x.shape[:2] + padded.shape[1:])
         rows = x.expand(n_samples, *x.shape[1:]).transpose(0, 1).reshape(n, -1, *x.shape[3:])
         w = weight.flatten(0, 1)  # [S*out, C/g, *k] or, transposed, [S*in, out/g, *k]
-        if self.padding_mode != "zeros" and not self._transposed:
-            y = _CONV[self._dims](rows, w, b, self.stride, 0, self.dilation,
-                                  n_samples * self.groups)
-        else:
-            y = self._conv(rows, w, b, n_samples * self.groups, output_padding)
+        y = self._conv_padded(rows, w, b, n_samples * self.groups, output_padding, padded)
         return y.reshape(n, n_samples, self.out_channels, *y.shape[2:]).transpose(0, 1)
 
     def _forward_samples(self, input, estimator, seed, output_padding):
@@ -276,7 +251,7 @@ class _BayesConvNd(BayesLayer):
         if estimator != "reparam":
             y = self._forward_estimator(x, n_samples, estimator, seed, output_padding)
         else:
-            weight, bias = self._weight_samples(n_samples, seed)
+            weight, bias = sample_parameters(self, n_samples, seed)
             y = self._conv_samples(x, weight, bias, output_padding)
         return sampling.unfold_output(y)
 
@@ -299,22 +274,10 @@ class _BayesConvNd(BayesLayer):
             var = var.reshape(mean.shape)
             shape = (n_samples,) + tuple(mean.shape[1:])
             eps = draw_normal(shape, seed, LOCAL_OUTPUT_STREAM, like)
-            # A zero input patch without bias has var = 0; the floor keeps sqrt's gradient finite.
-            # As in the linear layer's "local", half types are combined in float32, whose
-            # smallest normal is the floor (float16's own, 6.1e-5, would pin the std at 7.8e-3).
-            dtype = mean.dtype
-            if var.dtype in (torch.float16, torch.bfloat16) or dtype in (torch.float16, torch.bfloat16):
-                mean, var, eps = mean.float(), var.float(), eps.float()
-            std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
-            return (mean + std * eps).to(dtype)
+            # (A zero input patch without bias has var = 0: combine_local's floor.)
+            return estimators.combine_local(mean, var, eps)
         # Flipout: one weight perturbation per sample, sign-flipped per input and output element.
-        if seed is None:
-            eps_w = torch.randn((n_samples,) + tuple(like.shape), dtype=like.dtype,
-                                device=like.device)
-            delta = torch.exp(self.weight_log_sigma) * eps_w
-        else:
-            delta = _ops.sample_gaussian(None, self.weight_log_sigma, seed, WEIGHT_STREAM,
-                                         n_samples)
+        delta = sample_parameter(None, self.weight_log_sigma, None, n_samples, seed, WEIGHT_STREAM)
         # The signs in the activations' dtype (under autocast, not the parameters'): the output
         # keeps the dtype the convolutions give, as with the other estimators.
         in_shape = (n_samples,) + tuple(x.shape[1:])
@@ -324,13 +287,8 @@ class _BayesConvNd(BayesLayer):
                                       perturbation)
         y = mean + perturbation * signs_out
         if self.bias:
-            if seed is None:
-                eps_b = torch.randn((n_samples, self.out_channels), dtype=like.dtype,
-                                    device=like.device)
-                bias = self.bias_mu + torch.exp(self.bias_log_sigma) * eps_b
-            else:
-                bias = _ops.sample_gaussian(self.bias_mu, self.bias_log_sigma, seed, BIAS_STREAM,
-                                            n_samples)
+            bias = sample_parameter(self.bias_mu, self.bias_log_sigma, None, n_samples, seed,
+                                    BIAS_STREAM)
             # The mean's convolution added bias_mu already; add the bias noise only.
             noise = (bias - self.bias_mu).reshape(n_samples, 1, -1, *([1] * self._dims))
             y = y + noise.to(y.dtype)
